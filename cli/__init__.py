@@ -1,0 +1,1 @@
+"""The taskfold command line."""

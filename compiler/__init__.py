@@ -1,0 +1,1 @@
+"""Turn a trained run into a bundle: strip, prune, fold BN, export ONNX, validate parity."""

@@ -1,0 +1,1 @@
+"""Models: backbone adapter over timm, heads, the fusion op, searchable networks and ArchSpec."""

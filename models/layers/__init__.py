@@ -1,0 +1,1 @@
+"""Reusable layers: heads, the fusion op."""

@@ -1,0 +1,1 @@
+"""Networks: every forward returns {task: Tensor}."""

@@ -1,0 +1,1 @@
+"""Load a bundle and run it without PyTorch."""

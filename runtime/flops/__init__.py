@@ -1,0 +1,1 @@
+"""MACs/params of an ONNX graph, one counter per operator family."""

@@ -1,0 +1,298 @@
+"""Run configuration: YAML recipes validated into typed dataclasses.
+
+Every field has a default or a clear error naming it. Validation collects *every* problem in the
+file and raises one :class:`ConfigError` whose message lists them all (torchtune's habit), so a
+user fixes a recipe in one pass. Component options (``method``, ``weighting``, task and dataset
+options) are free-form dicts here and are validated by the component that receives them, with
+:func:`build_options`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names every bad field."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthscenes"
+    size: int = 64
+    train_size: int = 2000
+    val_size: int = 200
+    test_size: int = 200
+    seed: int = 0
+    cache_dir: str | None = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    kind: str = ""
+    weight: float = 1.0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    weights: str | None = None
+    head_channels: int = 64
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    eval_every: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 1
+    max_steps: int | None = None
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class CompileConfig:
+    parity_tol: float = 1e-4
+    parity_samples: int = 8
+    opset: int = 18
+    tensorrt: bool = False
+
+
+@dataclass
+class BenchConfig:
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    warmup: int = 5
+    iters: int = 30
+    threads: int | None = None
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    method: dict = field(default_factory=lambda: {"name": "shared"})
+    weighting: dict = field(default_factory=lambda: {"name": "ew"})
+    primary: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+    @property
+    def method_options(self) -> dict:
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic conversion of plain YAML values into typed dataclasses, collecting every problem.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where, problems)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {type(value).__name__}")
+            return tp()
+        return _build(tp, value, where, problems)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return []
+        return [_convert(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            return {"name": value}  # `method: shared` is short for `method: {name: shared}`
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return {}
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{where}: expected true/false, got {value!r}")
+        return False
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{where}: expected a number, got {value!r}")
+        return 0.0
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        problems.append(f"{where}: expected an integer, got {value!r}")
+        return 0
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        problems.append(f"{where}: expected a string, got {value!r}")
+        return ""
+    return value
+
+
+def _build(cls: type, raw: dict, where: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown field {path!r}{hint}")
+            continue
+        kwargs[key] = _convert(value, hints[key], path, problems)
+    return cls(**kwargs)
+
+
+def build_options(cls: type, raw: dict, where: str) -> Any:
+    """Validate a component's option dict against its options dataclass; raise one ConfigError."""
+    problems: list[str] = []
+    obj = _build(cls, raw, where, problems)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    """``a.b=c`` sets raw['a']['b'] = yaml-parsed c; list items by index (``tasks.0.weight=2``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    key, text = assignment.split("=", 1)
+    value = yaml.safe_load(text) if text else ""
+    node: Any = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {part!r} is not an index of that list")
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            elif isinstance(node[part], str) and part in ("method", "weighting"):
+                node[part] = {"name": node[part]}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: {last!r} is not an index of that list")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _check(cfg: Config, problems: list[str]) -> None:
+    if not cfg.tasks:
+        problems.append("tasks: at least one task is required")
+    seen: set[str] = set()
+    for i, task in enumerate(cfg.tasks):
+        if not task.name:
+            problems.append(f"tasks[{i}].name: required")
+        if not task.kind:
+            problems.append(f"tasks[{i}].kind: required")
+        if task.name in seen:
+            problems.append(f"tasks[{i}].name: task {task.name!r} is named twice")
+        seen.add(task.name)
+    if cfg.primary is not None and cfg.primary not in seen:
+        problems.append(f"primary: {cfg.primary!r} is not one of the tasks ({', '.join(cfg.task_names)})")
+    for name in ("method", "weighting"):
+        value = getattr(cfg, name)
+        if not isinstance(value.get("name"), str):
+            problems.append(f"{name}.name: required (a string)")
+    positive = {
+        "data.size": cfg.data.size, "data.train_size": cfg.data.train_size,
+        "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+        "model.head_channels": cfg.model.head_channels,
+    }
+    for path, value in positive.items():
+        if isinstance(value, int) and value < 1:
+            problems.append(f"{path}: must be >= 1, got {value}")
+    if cfg.train.lr <= 0:
+        problems.append(f"train.lr: must be > 0, got {cfg.train.lr}")
+    if any(b < 1 for b in cfg.bench.batches):
+        problems.append(f"bench.batches: every batch size must be >= 1, got {cfg.bench.batches}")
+
+
+def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
+    """Validate a plain dict (as read from YAML) plus ``--set`` overrides into a :class:`Config`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types only
+    for assignment in overrides or []:
+        _apply_override(raw, assignment)
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    if not problems:
+        _check(cfg, problems)
+    if problems:
+        raise ConfigError("config: " + "; ".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe and validate it; every problem is reported in one ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return config_from_dict(raw, overrides)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

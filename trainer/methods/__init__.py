@@ -1,0 +1,1 @@
+"""Training methods, each registered by name in METHODS."""

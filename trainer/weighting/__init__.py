@@ -1,0 +1,12 @@
+"""Loss and gradient weighting strategies, each registered by name in :data:`WEIGHTINGS`.
+
+``create_weighting({"name": "ial", ...options}, tasks=..., primary=...)`` validates the options
+against the strategy's ``Options`` dataclass and returns a :class:`WeightingStrategy`.
+"""
+from __future__ import annotations
+
+from taskfold.trainer.weighting.base import StepContext, WeightingStrategy
+from taskfold.trainer.weighting.registry import WEIGHTINGS, create_weighting
+from taskfold.trainer.weighting import equal  # noqa: F401  (registers "ew")
+
+__all__ = ["StepContext", "WeightingStrategy", "WEIGHTINGS", "create_weighting"]

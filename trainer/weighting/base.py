@@ -1,0 +1,53 @@
+"""The contract between the training loop and a loss/gradient weighting strategy.
+
+A strategy owns the backward pass of one training step: given each task's loss it leaves
+``.grad`` filled on every trainable parameter of the model (and on its own learnable parameters),
+so that the loop only has to call ``optimizer.step()``. This keeps strategies independent of the
+architecture: the architecture says, through :class:`StepContext`, what its *shared* parameters
+and its *shared representation* are, and the strategy decides which of the two it needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+
+Needs = Literal["losses", "shared_params", "shared_features"]
+
+
+@dataclass
+class StepContext:
+    """What a strategy may look at in one step.
+
+    shared_params: parameters every task's loss depends on (a shared encoder, AuxNet's primary
+        branch, GroupNet's stem, BranchNet's shared blocks). Empty when nothing is shared.
+    shared_features: the shared representation(s) z the task losses were computed from, as
+        produced in this forward pass (non-leaf tensors in the graph); empty when not available.
+    primary: the primary task names (all tasks when the config names no primary).
+    auxiliary: the auxiliary task names (possibly empty).
+    epoch, step: progress, for strategies with schedules (DWA uses per-epoch loss history).
+    """
+
+    shared_params: list[nn.Parameter]
+    shared_features: list[torch.Tensor] = field(default_factory=list)
+    primary: list[str] = field(default_factory=list)
+    auxiliary: list[str] = field(default_factory=list)
+    epoch: int = 0
+    step: int = 0
+
+
+class WeightingStrategy(Protocol):
+    """Selected by name in the config: ``weighting: {name: ial, ...options}``."""
+
+    needs: Needs
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Learnable parameters of the strategy itself (UW's log-variances, GradNorm's weights)."""
+
+    def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
+        """Fill ``.grad`` of every trainable parameter; return values to log (e.g. task weights)."""
+
+    def end_epoch(self, epoch_losses: dict[str, float]) -> None:
+        """Called once per epoch with each task's mean training loss (DWA needs it)."""
