@@ -1,1 +1,7 @@
-"""Networks: every forward returns {task: Tensor}."""
+"""Networks, registered by method name; every forward returns ``{task: Tensor}``."""
+from __future__ import annotations
+
+from taskfold.models.nets.registry import NETWORKS, build_network
+from taskfold.models.nets import shared  # noqa: F401  (registers "shared", "single")
+
+__all__ = ["NETWORKS", "build_network"]

@@ -1,0 +1,29 @@
+"""What each method keeps at inference: ``STRIPPERS[method](model, spec, options) -> StripResult``.
+
+``single`` and ``shared`` keep the network as trained. Methods with searched parts register a
+stripper that removes what inference does not need (auxiliary branches, pruned heads, unused
+branches) and says what it removed, for the manifest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from taskfold.models.arch import ArchSpec
+from taskfold.models.registry import Registry
+
+STRIPPERS: Registry = Registry("compiler stripper")
+
+
+@dataclass
+class StripResult:
+    model: nn.Module
+    outputs: list[str]  # task names the inference graph answers, in output order
+    info: dict = field(default_factory=dict)  # goes into manifest["compile"]
+
+
+@STRIPPERS.register("single")
+@STRIPPERS.register("shared")
+def keep_all(model: nn.Module, spec: ArchSpec, *, force: bool = False, **_: object) -> StripResult:
+    return StripResult(model=model, outputs=spec.task_names, info={"stripped": []})

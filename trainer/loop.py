@@ -1,0 +1,216 @@
+"""The one training/search loop every method plugs into (see trainer/methods/base.py).
+
+Shape of a run: ``setup`` (data, tasks, ArchSpec, method, network, optimisers, weighting) →
+``fit`` (epochs of interleaved architecture and weight steps, periodic evaluation and atomic
+checkpoints) → ``finish`` (test metrics, read-off into arch.json). Everything a method changes
+goes through the Method contract; nothing here knows about a particular method.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from taskfold.models.arch import ArchSpec, TaskHead
+from taskfold.trainer.config import Config, ConfigError
+from taskfold.trainer.data import create_dataset
+from taskfold.trainer.methods import Method, Progress, create_method
+from taskfold.trainer.rundir import RunDir
+from taskfold.trainer.tasks import create_task
+from taskfold.trainer.weighting import StepContext, create_weighting
+
+
+@dataclass
+class RunState:
+    """What setup produced and the later stages use."""
+
+    cfg: Config
+    run: RunDir
+    spec: ArchSpec
+    method: Method
+    model: nn.Module
+    tasks: list
+    datasets: dict
+    optimizer: torch.optim.Optimizer
+    weighting: object
+    history: list[dict] = field(default_factory=list)
+
+
+def build_datasets(cfg: Config) -> dict:
+    d = cfg.data
+    sizes = {"train": d.train_size, "val": d.val_size, "test": d.test_size}
+    return {split: create_dataset(d.dataset, split, size=d.size, num_samples=n, seed=d.seed,
+                                  cache_dir=d.cache_dir, **d.options)
+            for split, n in sizes.items()}
+
+
+def build_tasks(cfg: Config, info) -> list:
+    tasks = []
+    for t in cfg.tasks:
+        tasks.append(create_task(t.name, t.kind, info, **t.options))
+    return tasks
+
+
+def build_spec(cfg: Config, tasks: list) -> ArchSpec:
+    return ArchSpec(
+        method=cfg.method_name,
+        backbone=cfg.model.backbone,
+        image_size=cfg.data.size,
+        tasks=[TaskHead(t.name, t.kind, t.output, t.out_channels) for t in tasks],
+        head_channels=cfg.model.head_channels,
+        backbone_options=dict(cfg.model.options),
+        primary=[cfg.primary] if cfg.primary else [t.name for t in tasks],
+        options=cfg.method_options,
+    )
+
+
+def _make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    raise ConfigError(f"train.optimizer: unknown optimizer {t.optimizer!r}; available: adam, adamw, sgd")
+
+
+def setup(cfg: Config, run_dir: str | Path) -> RunState:
+    """Validate everything that can be wrong before the first step, then build the run."""
+    torch.manual_seed(cfg.train.seed)
+    method = create_method(cfg.method)
+    datasets = build_datasets(cfg)
+    tasks = build_tasks(cfg, datasets["train"].info)
+    spec = build_spec(cfg, tasks)
+    weighting = create_weighting(cfg.weighting, tasks=spec.task_names,
+                                 primary=[cfg.primary] if cfg.primary else spec.task_names,
+                                 task_weights={t.name: t.weight for t in cfg.tasks})
+    model = method.build(spec, backbone_weights=cfg.model.weights)
+    arch_ids = {id(p) for p in method.arch_parameters(model)}
+    weights = [p for p in model.parameters() if id(p) not in arch_ids]
+    optimizer = _make_optimizer(cfg, weights + list(weighting.parameters()))
+    run = RunDir(run_dir)
+    run.create(cfg)
+    spec.save(run.arch_path)
+    return RunState(cfg, run, spec, method, model, tasks, datasets, optimizer, weighting)
+
+
+def batches(dataset, indices: torch.Tensor, batch_size: int):
+    """Yield ``(images, targets)`` slices of an in-memory dataset (``images``/``targets`` tensors)."""
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        yield dataset.images[idx], {k: v[idx] for k, v in dataset.targets.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, tasks: list, batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Each task's metrics over a whole split."""
+    was_training = model.training
+    model.eval()
+    meters = {t.name: t.new_meter() for t in tasks}
+    for images, targets in batches(dataset, torch.arange(len(dataset)), batch_size):
+        outputs = model(images)
+        for t in tasks:
+            meters[t.name].update(outputs[t.name], targets[t.target])
+    model.train(was_training)
+    return {name: meter.compute() for name, meter in meters.items()}
+
+
+def _split_epoch(n: int, arch_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh random split of the training indices into (weight part, architecture part)."""
+    perm = torch.randperm(n, generator=generator)
+    n_arch = int(round(n * arch_fraction))
+    return perm[n_arch:], perm[:n_arch]
+
+
+def _train_epoch(state: RunState, epoch: int, step: int, total_steps: int, generator: torch.Generator) -> int:
+    cfg, model, method = state.cfg, state.model, state.method
+    bs = cfg.train.batch_size
+    train = state.datasets["train"]
+    progress = Progress(epoch, cfg.train.epochs, step, total_steps)
+    state.run.log({"type": "schedule", "epoch": epoch, **method.start_epoch(model, progress)})
+    weight_idx, arch_idx = _split_epoch(len(train), method.arch_fraction, generator)
+    arch_batches = list(batches(train, arch_idx, bs)) if len(arch_idx) else []
+    n_weight = math.ceil(len(weight_idx) / bs)
+    sums: dict[str, float] = {}
+    epoch_sums: dict[str, float] = {}
+    arch_done = 0
+    bar = tqdm(batches(train, weight_idx, bs), total=n_weight, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+               disable=not cfg.train.progress, leave=False)
+    model.train()
+    for i, (images, targets) in enumerate(bar):
+        progress = Progress(epoch, cfg.train.epochs, step, total_steps)
+        arch_logs: dict[str, float] = {}
+        while arch_batches and arch_done < (i + 1) * len(arch_batches) / n_weight:
+            a_images, a_targets = arch_batches[arch_done]
+            arch_logs = method.arch_step(model, a_images, a_targets, state.tasks, progress)
+            arch_done += 1
+        outputs = model(images)
+        losses = method.task_losses(model, outputs, targets, state.tasks)
+        ctx = StepContext(
+            shared_params=list(model.shared_parameters()) if hasattr(model, "shared_parameters") else [],
+            shared_features=list(getattr(model, "shared_features", [])),
+            primary=state.spec.primary,
+            auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary],
+            epoch=epoch, step=step,
+        )
+        state.optimizer.zero_grad(set_to_none=True)
+        weight_logs = state.weighting.backward(losses, ctx)
+        state.optimizer.step()
+        for name, loss in losses.items():
+            value = float(loss.detach())
+            sums[name] = sums.get(name, 0.0) + value
+            epoch_sums[name] = epoch_sums.get(name, 0.0) + value
+        step += 1
+        if step % cfg.train.log_every == 0 or i == n_weight - 1:
+            count = step % cfg.train.log_every or cfg.train.log_every
+            mean = {k: v / count for k, v in sums.items()}
+            bar.set_postfix(loss=f"{sum(mean.values()):.3f}")
+            state.run.log({"type": "train", "epoch": epoch, "step": step, "loss": sum(mean.values()),
+                           "losses": mean, **_prefixed("weighting", weight_logs), **_prefixed("arch", arch_logs)})
+            sums = {}
+    state.weighting.end_epoch({k: v / n_weight for k, v in epoch_sums.items()})
+    return step
+
+
+def _prefixed(prefix: str, logs: dict) -> dict:
+    return {f"{prefix}/{k}": v for k, v in logs.items()}
+
+
+def fit(state: RunState) -> None:
+    cfg = state.cfg
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    steps_per_epoch = math.ceil(len(state.datasets["train"]) / cfg.train.batch_size)
+    total = steps_per_epoch * cfg.train.epochs
+    step = 0
+    for epoch in range(cfg.train.epochs):
+        start = time.perf_counter()
+        step = _train_epoch(state, epoch, step, total, generator)
+        record = {"type": "epoch", "epoch": epoch, "step": step, "seconds": time.perf_counter() - start}
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
+            record["val"] = evaluate(state.model, state.datasets["val"], state.tasks)
+        state.run.log(record)
+        if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs - 1:
+            state.run.save_checkpoint(state.model, {"weights": state.optimizer})
+
+
+def finish(state: RunState) -> dict:
+    """Test metrics, the method's read-off into arch.json; returns a summary."""
+    test = evaluate(state.model, state.datasets["test"], state.tasks)
+    state.spec.decision = state.method.read_off(state.model)
+    state.spec.save(state.run.arch_path)
+    state.run.log({"type": "test", "test": test})
+    return {"test": test, "directions": {t.name: t.metrics for t in state.tasks},
+            "main_metric": {t.name: t.main_metric for t in state.tasks}}
+
+
+def train(cfg: Config, run_dir: str | Path) -> dict:
+    """Train (or search) one run into ``run_dir``; returns the test summary."""
+    state = setup(cfg, run_dir)
+    fit(state)
+    return finish(state)

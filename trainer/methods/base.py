@@ -1,0 +1,59 @@
+"""The narrow contract through which a method plugs into the one training loop (trainer/loop.py).
+
+The loop owns data, epochs, the weight optimiser, weighting, evaluation, logging and
+checkpoints. A method owns only what makes it that method:
+
+- ``build``: the network to train, from the ArchSpec;
+- ``arch_parameters`` / ``arch_fraction``: architecture parameters (alpha, group logits) and the
+  share of each epoch's training data reserved for architecture steps (0 = one-shot or none);
+- ``start_epoch``: schedules (temperature, L1 weight), returning values to log;
+- ``task_losses``: each task's loss from the network's outputs (DMTG mixes per-branch losses);
+- ``arch_step``: one architecture update on an architecture batch;
+- ``read_off``: the searched decision, saved into ``arch.json``.
+
+Methods are plain classes that implement this Protocol; :mod:`plain` holds the defaults a method
+may call rather than inherit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from taskfold.models.arch import ArchSpec
+from taskfold.models.registry import Registry
+
+METHODS: Registry = Registry("method")
+
+
+@dataclass
+class Progress:
+    """Where training is: ``fraction`` runs from 0 at the first step to 1 at the last."""
+
+    epoch: int
+    num_epochs: int
+    step: int
+    total_steps: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+
+class Method(Protocol):
+    arch_fraction: float
+
+    def build(self, spec: ArchSpec, *, backbone_weights: str | None) -> nn.Module: ...
+
+    def arch_parameters(self, model: nn.Module) -> list[nn.Parameter]: ...
+
+    def start_epoch(self, model: nn.Module, progress: Progress) -> dict[str, float]: ...
+
+    def task_losses(self, model: nn.Module, outputs: dict, targets: dict, tasks: list) -> dict[str, torch.Tensor]: ...
+
+    def arch_step(self, model: nn.Module, images: torch.Tensor, targets: dict, tasks: list,
+                  progress: Progress) -> dict[str, float]: ...
+
+    def read_off(self, model: nn.Module) -> dict: ...

@@ -1,0 +1,55 @@
+"""``single`` and ``shared``: the two baselines, with no architecture to search.
+
+The module-level functions are the default behaviour other methods call for the hooks they do
+not change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from taskfold.models.arch import ArchSpec
+from taskfold.models.nets import build_network
+from taskfold.trainer.methods.base import METHODS, Progress
+
+
+def per_task_losses(outputs: dict, targets: dict, tasks: list) -> dict[str, torch.Tensor]:
+    """Each task's own loss on its own output."""
+    return {t.name: t.loss(outputs[t.name], targets[t.target]) for t in tasks}
+
+
+class PlainMethod:
+    """A method that trains the network as built: nothing searched, nothing read off."""
+
+    arch_fraction = 0.0
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    def build(self, spec: ArchSpec, *, backbone_weights: str | None) -> nn.Module:
+        return build_network(spec, backbone_weights=backbone_weights)
+
+    def arch_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return []
+
+    def start_epoch(self, model: nn.Module, progress: Progress) -> dict[str, float]:
+        return {}
+
+    def task_losses(self, model: nn.Module, outputs: dict, targets: dict, tasks: list) -> dict[str, torch.Tensor]:
+        return per_task_losses(outputs, targets, tasks)
+
+    def arch_step(self, model, images, targets, tasks, progress) -> dict[str, float]:
+        raise NotImplementedError("plain methods have no architecture step")  # arch_fraction is 0
+
+    def read_off(self, model: nn.Module) -> dict:
+        return {}
+
+
+METHODS.register("single")(PlainMethod)
+METHODS.register("shared")(PlainMethod)

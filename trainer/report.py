@@ -1,0 +1,80 @@
+"""report.md for a run: test metrics, the cost table (MACs, params, latency) and training curves.
+
+Takes plain dicts (metrics records, the bundle manifest, benchmark rows) so any stage can add
+to it without importing the others.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from taskfold.trainer.rundir import RunDir
+
+
+def plot_training_curves(records: list[dict], path: Path) -> Path:
+    """Per-task training loss against step, and each task's main validation metric per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "epoch" and "val" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for task in (train[0]["losses"] if train else {}):
+        axes[0].plot([r["step"] for r in train], [r["losses"][task] for r in train], label=task)
+    axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
+    axes[0].legend()
+    for task, metrics in (evals[0]["val"] if evals else {}).items():
+        metric = next(iter(metrics))
+        axes[1].plot([r["epoch"] + 1 for r in evals], [r["val"][task][metric] for r in evals],
+                     marker="o", label=f"{task} {metric}")
+    axes[1].set(xlabel="epoch", title="validation")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _metrics_table(test: dict[str, dict[str, float]], directions: dict[str, dict[str, bool]]) -> list[str]:
+    lines = ["| task | metric | value |", "|---|---|---|"]
+    for task, metrics in test.items():
+        for metric, value in metrics.items():
+            arrow = "↑" if directions.get(task, {}).get(metric, True) else "↓"
+            lines.append(f"| {task} | {metric} {arrow} | {value:.4f} |")
+    return lines
+
+
+def _cost_table(manifest: dict, bench_rows: list[dict]) -> list[str]:
+    cost = manifest["cost"]
+    lines = ["| quantity | value |", "|---|---|",
+             f"| MACs per image | {cost['macs'] / 1e6:.2f} M |",
+             f"| parameters | {cost['params'] / 1e6:.3f} M |"]
+    for row in bench_rows:
+        lines.append(f"| p50 latency, batch {row['batch']} ({row['provider']}, {row['threads']} threads) "
+                     f"| {row['p50_ms']:.2f} ms ({row['throughput_ips']:.0f} img/s) |")
+    return lines
+
+
+def write_report(run: RunDir, *, summary: dict, manifest: dict | None = None,
+                 bench_rows: list[dict] | None = None, sections: list[str] | None = None) -> Path:
+    """Write ``report.md`` (and ``training_curves.png``) into the run directory."""
+    records = run.read_metrics()
+    plot = plot_training_curves(records, run.path / "training_curves.png")
+    cfg = run.load_config()
+    lines = [f"# Run report: {cfg.name}", "",
+             f"method `{cfg.method_name}`, backbone `{cfg.model.backbone}`, dataset `{cfg.data.dataset}` "
+             f"({cfg.data.size}×{cfg.data.size}, {cfg.data.train_size} training images), "
+             f"{cfg.train.epochs} epochs, weighting `{cfg.weighting['name']}`.", "",
+             "## Test metrics", "", *_metrics_table(summary["test"], summary.get("directions", {})), ""]
+    if manifest is not None:
+        compile_info = manifest.get("compile", {})
+        lines += ["## Inference cost (compiled bundle, ONNX Runtime)", "",
+                  *_cost_table(manifest, bench_rows or []), "",
+                  f"ONNX vs PyTorch max abs difference: {compile_info.get('onnx_parity_max_abs', float('nan')):.2e}; "
+                  f"BatchNorm layers folded: {compile_info.get('bn_folded', 0)}.", ""]
+    lines += ["## Training curves", "", f"![training curves]({plot.name})", ""]
+    for section in sections or []:
+        lines += [section, ""]
+    run.report_path.write_text("\n".join(lines))
+    return run.report_path

@@ -1,0 +1,102 @@
+"""The run directory contract: config.yaml, arch.json, checkpoints/, metrics.jsonl, report.md.
+
+Checkpoints are written to a temporary name and renamed into place, so an interrupted run never
+leaves a half-written file where a reader (the compiler, a resumed run) expects a whole one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from taskfold.models.arch import ArchSpec
+from taskfold.trainer.config import Config, ConfigError, load_config, save_config
+
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
+
+
+class RunDir:
+    """Paths and readers/writers of one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def arch_path(self) -> Path:
+        return self.path / "arch.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.path / "bundle"
+
+    def create(self, cfg: Config) -> None:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.config_path)
+        self.metrics_path.write_text("")
+
+    def log(self, record: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def save_checkpoint(self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], tag: str = "last") -> None:
+        folder = self.checkpoints / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        _atomic(folder / WEIGHTS, lambda p: save_file(state, str(p)))
+        opt_state = {name: opt.state_dict() for name, opt in optimizers.items()}
+        _atomic(folder / OPTIMIZER, lambda p: torch.save(opt_state, p))
+
+    def load_weights(self, model: nn.Module, tag: str = "last") -> None:
+        path = self.checkpoints / tag / WEIGHTS
+        if not path.is_file():
+            raise ConfigError(f"run {self.path}: no checkpoint at {path} (did training finish?)")
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"run {self.path}: checkpoint does not fit arch.json "
+                f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]})")
+
+    def load_config(self) -> Config:
+        if not self.path.is_dir():
+            raise ConfigError(f"run directory not found: {self.path}")
+        return load_config(self.config_path)
+
+    def load_arch(self) -> ArchSpec:
+        if not self.arch_path.is_file():
+            raise ConfigError(f"run {self.path}: arch.json is missing (not a taskfold run directory?)")
+        try:
+            return ArchSpec.load(self.arch_path)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"run {self.path}: arch.json is not valid ({exc})") from None
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
