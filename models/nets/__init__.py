@@ -2,6 +2,6 @@
 from __future__ import annotations
 
 from taskfold.models.nets.registry import NETWORKS, build_network
-from taskfold.models.nets import shared  # noqa: F401  (registers "shared", "single")
+from taskfold.models.nets import aux, shared  # noqa: F401  (registers the networks)
 
 __all__ = ["NETWORKS", "build_network"]

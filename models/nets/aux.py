@@ -1,0 +1,152 @@
+"""AuxNet: one primary and K auxiliary single-task branches joined by fusion ops (Aux-G, Aux-NAS).
+
+Every task has its own full backbone and head; nothing is shared. Links carry a branch's fused
+block outputs into the fusion op of another branch's later block (the window: the ``window``
+blocks before it). Three link layouts:
+
+- ``aux_g_stage``: primary → auxiliary, fixed (alpha = 1), into the last block of every stage;
+- ``aux_g_layer``: primary → auxiliary, fixed, into every block;
+- ``aux_nas``: both directions into every block, each link with a learnable
+  ``alpha = sigmoid(logit)``; alpha^P (auxiliary → primary) is pushed to zero by an L1 penalty
+  so that the auxiliary branches can be cut away at inference.
+
+Each auxiliary branch links only with the primary, so links grow linearly with K.
+:meth:`AuxNet.primary_network` returns the primary branch alone: what the compiler exports.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from taskfold.models.arch import ArchSpec
+from taskfold.models.backbones import create_backbone
+from taskfold.models.errors import ModelError
+from taskfold.models.layers.fusion import FusionNorm, FusionOp
+from taskfold.models.nets.registry import NETWORKS
+from taskfold.models.nets.shared import build_heads
+
+AUX_METHODS = ("aux_g_stage", "aux_g_layer", "aux_nas")
+PRIMARY = 0  # branch index of the primary task
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+class AuxNet(nn.Module):
+    def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
+        super().__init__()
+        if spec.method not in AUX_METHODS:
+            raise ModelError(f"AuxNet builds {', '.join(AUX_METHODS)}; got method {spec.method!r}")
+        if len(spec.primary) != 1 or len(spec.tasks) < 2:
+            raise ModelError("aux methods need `primary:` set to one task and at least one auxiliary task")
+        by_name = {t.name: t for t in spec.tasks}
+        self.task_order = spec.primary + [t.name for t in spec.tasks if t.name != spec.primary[0]]
+        self.method = spec.method
+        opts = spec.options
+        self.window = int(opts.get("window", 3))
+        self.branches = nn.ModuleList([
+            create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights, **spec.backbone_options)
+            for _ in self.task_order
+        ])
+        info = self.branches[0].feature_info
+        self.heads = nn.ModuleList([build_heads(spec, info, [by_name[name]])[name] for name in self.task_order])
+        self.sources: dict[str, list[tuple[int, int]]] = {}
+        self.fusions = nn.ModuleDict()
+        self.alpha_logits = nn.ParameterDict()
+        init = {"P": _logit(float(opts.get("alpha_p_init", 0.5))), "A": _logit(float(opts.get("alpha_a_init", 0.5)))}
+        for dst, block, direction, srcs in self._links(self.branches[0].stages, len(info)):
+            key = f"b{dst}_{block}"
+            self.sources[key] = srcs
+            self.fusions[key] = FusionOp(info[block].num_chs, [info[j].num_chs for _, j in srcs])
+            if self.method == "aux_nas":
+                self.alpha_logits[key] = nn.Parameter(torch.full((len(srcs),), init[direction]))
+        self.cut_aux_to_primary = False  # True: alpha^P treated as exactly zero (what stripping assumes)
+        self.shared_features: list[torch.Tensor] = []
+
+    def _links(self, stages: list[list[int]], num_blocks: int):
+        """Yield (dst branch, dst block, "P"|"A", [(src branch, src block), ...]) for every fusion op."""
+        if self.method == "aux_g_stage":
+            targets = [stage[-1] for stage in stages]
+        else:
+            targets = list(range(num_blocks))
+        aux = range(1, len(self.task_order))
+        for block in targets:
+            window = list(range(max(0, block - self.window), block))
+            if not window:
+                continue
+            if self.method == "aux_nas":
+                yield PRIMARY, block, "P", [(k, j) for k in aux for j in window]
+            for k in aux:
+                yield k, block, "A", [(PRIMARY, j) for j in window]
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return list(self.alpha_logits.values())
+
+    def alphas(self, key: str) -> torch.Tensor:
+        if self.method != "aux_nas":
+            return self.fusions[key].conv.weight.new_ones(len(self.sources[key]))
+        alpha = torch.sigmoid(self.alpha_logits[key])
+        if self.cut_aux_to_primary and key.startswith(f"b{PRIMARY}_"):
+            return torch.zeros_like(alpha)
+        return alpha
+
+    def alpha_values(self, direction: str) -> torch.Tensor:
+        """All alpha^P ("P": auxiliary → primary) or alpha^A ("A") values, concatenated."""
+        keys = [k for k in self.alpha_logits if k.startswith(f"b{PRIMARY}_") == (direction == "P")]
+        if not keys:
+            return torch.zeros(0)
+        return torch.cat([torch.sigmoid(self.alpha_logits[k]) for k in keys])
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The primary branch: auxiliary losses reach it through the primary → auxiliary links."""
+        return list(self.branches[PRIMARY].parameters())
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        current = [branch.stem(image) for branch in self.branches]
+        fused: list[list[torch.Tensor]] = [[] for _ in self.branches]
+        for block in range(len(self.branches[0].blocks)):
+            raw = [branch.blocks[block](x) for branch, x in zip(self.branches, current)]
+            for b, x in enumerate(raw):
+                key = f"b{b}_{block}"
+                if key in self.fusions:
+                    inputs = [fused[src][j] for src, j in self.sources[key]]
+                    x = self.fusions[key](x, inputs, self.alphas(key))
+                fused[b].append(x)
+            current = [f[-1] for f in fused]
+        self.shared_features = fused[PRIMARY]
+        return {name: head(fused[b]) for b, (name, head) in enumerate(zip(self.task_order, self.heads))}
+
+    def primary_network(self) -> "StrippedPrimary":
+        """The primary branch alone, with alpha^P taken as zero: its fusion ops reduce to BN+ReLU."""
+        norms = {int(key.split("_")[1]): op.without_inputs() for key, op in self.fusions.items()
+                 if key.startswith(f"b{PRIMARY}_")}
+        return StrippedPrimary(self.branches[PRIMARY], norms, self.heads[PRIMARY], self.task_order[0])
+
+
+class StrippedPrimary(nn.Module):
+    """Backbone blocks of the primary branch, BN+ReLU after each fused block, the primary head."""
+
+    def __init__(self, backbone: nn.Module, norms: dict[int, FusionNorm], head: nn.Module, task: str) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(backbone)
+        self.norms = nn.ModuleDict({str(i): copy.deepcopy(n) for i, n in norms.items()})
+        self.head = copy.deepcopy(head)
+        self.task = task
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.backbone.stem(image)
+        features = []
+        for i, block in enumerate(self.backbone.blocks):
+            x = block(x)
+            if str(i) in self.norms:
+                x = self.norms[str(i)](x)
+            features.append(x)
+        return {self.task: self.head(features)}
+
+
+for _method in AUX_METHODS:
+    NETWORKS.register(_method)(lambda spec, *, backbone_weights=None: AuxNet(spec, backbone_weights=backbone_weights))

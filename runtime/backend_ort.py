@@ -1,0 +1,85 @@
+"""The ONNX Runtime backend: one InferenceSession over the bundle's ``model.onnx``.
+
+Execution providers are never swapped behind the caller's back. ONNX Runtime itself quietly
+drops a provider whose initialisation fails (e.g. CUDA without a GPU) and runs on the CPU;
+this backend checks the session's providers after creation and raises instead.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import onnxruntime as ort
+
+from taskfold.runtime.cuda import cuda_unavailable_reason
+from taskfold.runtime.errors import BackendUnavailable
+
+ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
+DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _provider_name(spec: ProviderSpec) -> str:
+    return spec if isinstance(spec, str) else spec[0]
+
+
+class OrtBackend:
+    """Runs the bundle's ONNX graph; ``provider`` is the provider ONNX Runtime actually uses first."""
+
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: dict[str, Any],
+        *,
+        providers: Sequence[ProviderSpec] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        requested = list(providers) if providers else list(DEFAULT_PROVIDERS)
+        available = ort.get_available_providers()
+        for spec in requested:
+            name = _provider_name(spec)
+            if name not in available:
+                raise BackendUnavailable(
+                    f"onnxruntime provider {name!r} is not available in this onnxruntime build "
+                    f"(available: {', '.join(available)})"
+                    + ("; install onnxruntime-gpu for CUDA" if name == "CUDAExecutionProvider" else "")
+                )
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads if threads is not None else available_cpus()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(bundle / "model.onnx"), sess_options=options, providers=requested
+        )
+        used = self.session.get_providers()
+        dropped = [_provider_name(s) for s in requested if _provider_name(s) not in used]
+        if dropped:
+            reason = _cuda_reason(dropped) or "see the onnxruntime log for the cause"
+            raise BackendUnavailable(
+                f"onnxruntime could not start provider(s) {', '.join(dropped)} "
+                f"(it would have run on {', '.join(used)} instead): {reason}"
+            )
+        self.provider = used[0]
+        self.input_name = manifest["input"]["name"]
+
+    def run(self, images: np.ndarray, output_names: list[str]) -> list[np.ndarray]:
+        """Outputs in the order of ``output_names``."""
+        return self.session.run(output_names, {self.input_name: images})
+
+
+def _cuda_reason(dropped: list[str]) -> str | None:
+    """Why CUDA-based providers failed to start, when that is the likely cause."""
+    if not any(name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for name in dropped):
+        return None
+    return cuda_unavailable_reason()
