@@ -98,6 +98,25 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     return {"bundle": args.bundle, "backend": args.backend, "results": rows}
 
 
+def cmd_predict(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    from taskfold.runtime import load
+    from taskfold.runtime.errors import InputError
+
+    source = Path(args.input)
+    if not source.is_file():
+        raise InputError(f"input file not found: {source}")
+    try:
+        images = np.load(source, allow_pickle=False)
+    except ValueError as exc:
+        raise InputError(f"{source}: not a .npy array ({exc})") from None
+    outputs = load(args.bundle)(images)
+    out = Path(args.output) if args.output else source.with_suffix(".out.npz")
+    np.savez(out, **outputs)
+    return {"output": str(out), "shapes": {task: list(value.shape) for task, value in outputs.items()}}
+
+
 def cmd_flops(args: argparse.Namespace) -> dict:
     from taskfold.runtime import count_onnx, verify_bundle
     from taskfold.runtime.errors import BundleError
@@ -128,6 +147,8 @@ def _print_human(command: str, result: dict) -> None:
         for r in result["results"]:
             print(f"{r['batch']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} "
                   f"{r['mean_ms']:>9.3f} {r['throughput_ips']:>9.1f}  {r['provider']} ({r['threads']})")
+    elif command == "predict":
+        print(f"wrote {result['output']}: " + ", ".join(f"{t} {tuple(s)}" for t, s in result["shapes"].items()))
     else:
         for key in ("run_dir", "bundle", "report"):
             if key in result:
@@ -171,13 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=30)
     add_common(p)
 
+    p = sub.add_parser("predict", help="run a bundle on images stored as a .npy (N,3,H,W) float32 array")
+    p.add_argument("bundle")
+    p.add_argument("input", help=".npy file")
+    p.add_argument("-o", "--output", help=".npz file for the outputs (default INPUT.out.npz)")
+    add_common(p)
+
     p = sub.add_parser("flops", help="MACs and params of a bundle or any .onnx file")
     p.add_argument("path")
     add_common(p)
     return parser
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "compile": cmd_compile, "bench": cmd_bench, "flops": cmd_flops}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "compile": cmd_compile, "bench": cmd_bench,
+            "predict": cmd_predict, "flops": cmd_flops}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,9 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict:
     from taskfold.trainer.rundir import RunDir
 
     summary = train(cfg, run_dir)
+    while summary["follow_up"] is not None:  # e.g. BMTAS: retrain the derived tree in run_dir/retrain
+        cfg, run_dir = summary["follow_up"], Path(run_dir) / "retrain"
+        summary = train(cfg, run_dir)
     bundle = compile_run(run_dir)
     predictor = load(bundle, threads=cfg.bench.threads)
     rows = benchmark(predictor, cfg.bench.batches, warmup=cfg.bench.warmup, iters=cfg.bench.iters)

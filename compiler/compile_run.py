@@ -11,7 +11,7 @@ import torch
 from taskfold.compiler.bundle import write_bundle
 from taskfold.compiler.errors import CompileError
 from taskfold.compiler.strip import STRIPPERS
-from taskfold.compiler import strip_aux  # noqa: F401  (registers the aux strippers)
+from taskfold.compiler import strip_aux, strip_group  # noqa: F401  (register the method strippers)
 from taskfold.models.nets import build_network
 from taskfold.trainer.config import Config
 from taskfold.trainer.data import create_dataset
@@ -55,8 +55,8 @@ def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force
     parity_inputs = held_out_images(cfg, cfg.compile.parity_samples)
     result = stripper(model, spec, force=force, reference_inputs=parity_inputs, options=cfg.method_options)
     by_name = {t.name: t for t in spec.tasks}
-    tasks = [{"name": n, "kind": by_name[n].kind, "channels": by_name[n].out_channels, "output": by_name[n].output}
-             for n in result.outputs]
+    tasks = [{"name": n, "kind": by_name[n].kind, "channels": by_name[n].out_channels,
+              "output_kind": by_name[n].output} for n in result.outputs]
     info = cfg.data
     dataset_info = create_dataset(info.dataset, "val", size=info.size, num_samples=1, seed=info.seed,
                                   cache_dir=info.cache_dir, **info.options).info

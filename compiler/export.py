@@ -118,8 +118,9 @@ def _export(
 ) -> None:
     """The exporter call itself, with its warnings collected instead of printed.
 
-    The exporter's deprecation notice is noise here; TracerWarnings say a value was frozen
-    into the trace, so they are logged once at INFO (parity at two batch sizes guards them).
+    The exporter's deprecation notice and the like go to DEBUG; TracerWarnings say a value was
+    frozen into the trace, so they are summarised once at INFO (parity at two batch sizes guards
+    against a frozen batch size).
     """
     axes = {name: {0: "batch"} for name in [INPUT_NAME, *output_names]}
     with warnings.catch_warnings(record=True) as caught:
@@ -129,8 +130,13 @@ def _export(
             dynamo=False, input_names=[INPUT_NAME], output_names=output_names,
             dynamic_axes=axes, opset_version=opset,
         )
-    traced = {str(w.message).splitlines()[0] for w in caught
-              if issubclass(w.category, torch.jit.TracerWarning)}
+    traced: set[str] = set()
+    for w in caught:
+        text = (str(w.message).strip().splitlines() or [""])[0]
+        if issubclass(w.category, torch.jit.TracerWarning):
+            traced.add(text)
+        else:
+            log.debug("exporter %s: %s", w.category.__name__, text)
     if traced:
         log.info("ONNX trace froze %d Python value(s) into constants, e.g.: %s",
                  len(traced), sorted(traced)[0])

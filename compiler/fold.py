@@ -10,6 +10,9 @@ the conv's output feeds nothing but that BN. This works for any module structure
 reads the data flow, not attribute names. Where a module cannot be traced (data-dependent
 control flow), its children are traced one by one instead, so only pairs that straddle an
 untraceable ``forward`` are missed; those BNs stay in place, which is always correct.
+What a graph cannot show (a child called directly from an untraceable parent, a Linear on a
+3-D input before a BatchNorm1d) is caught by ``write_bundle``'s parity check against the
+unfolded model.
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
 
     remaining = remaining_batchnorms(folded)
     if remaining:
-        log.warning("%d BatchNorm layer(s) not folded (no single Conv/Linear input): %s",
+        log.warning("%d BatchNorm layer(s) left unfolded (input is not one Conv/Linear used once): %s",
                     len(remaining), ", ".join(remaining))
     return folded, count
 

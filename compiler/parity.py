@@ -29,10 +29,14 @@ def check_parity(
     the graph has one output. Raises ``CompileError`` when an output differs by more than
     ``tol``, has another shape, or is NaN in one and not the other.
     """
-    images = _as_float32_numpy(inputs)
+    images = as_image_batch(inputs)
     session = ort.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images})))
+    try:
+        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images})))
+    except Exception as exc:  # ORT's own errors (wrong shape, ...) are long and not ValueErrors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompileError(f"ONNX Runtime failed on inputs of shape {images.shape}: {first}") from exc
     want = _torch_outputs(model, images, names)
 
     diffs = {name: _max_abs_diff(want[name], got[name], name) for name in names}
@@ -42,11 +46,11 @@ def check_parity(
     return diffs
 
 
-def _as_float32_numpy(inputs: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Contiguous float32 NCHW array, the one dtype the graph's input accepts."""
+def as_image_batch(inputs: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Contiguous float32 (N, C, H, W) array with N >= 1: the one dtype the graph's input takes."""
     array = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
-    if array.ndim != 4:
-        raise CompileError(f"parity inputs must be a (N, C, H, W) batch, got shape {array.shape}")
+    if array.ndim != 4 or len(array) == 0:
+        raise CompileError(f"parity inputs must be a non-empty (N, C, H, W) batch, got shape {array.shape}")
     return np.ascontiguousarray(array, dtype=np.float32)
 
 

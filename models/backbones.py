@@ -237,13 +237,13 @@ def _create(
 ) -> Backbone:
     """Build ``timm_name`` (pretrained=False), cut it into blocks, then load ``weights``."""
     if options:
-        raise ModelError(f"backbone {timm_name}: unknown option {sorted(options)[0]!r} (known: output_stride)")
+        raise ModelError(f"unknown backbone option {sorted(options)[0]!r} (known: output_stride)")
     kwargs: dict[str, Any] = dict(num_classes=0, **family.timm_kwargs, **(timm_args or {}))
     if family.sized:
         kwargs["img_size"] = img_size
     if output_stride is not None and family.dilatable:
         if output_stride not in (8, 16, 32):
-            raise ModelError(f"backbone {timm_name}: output_stride must be 8, 16 or 32, got {output_stride}")
+            raise ModelError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         kwargs["output_stride"] = output_stride
     model = timm.create_model(timm_name, pretrained=False, **kwargs)
     stem, named_blocks, stage_ends = family.parts(model)
@@ -253,7 +253,7 @@ def _create(
     native = shapes[-1][1]
     if output_stride is not None and not family.dilatable and output_stride != native:
         raise ModelError(
-            f"backbone {timm_name}: output_stride={output_stride} is not supported (its stride is {native})"
+            f"output_stride={output_stride} is not supported by this backbone (its stride is {native})"
         )
     stage_of = _stage_ids(names, stage_ends)
     feature_info = [
@@ -310,14 +310,21 @@ def _resize_pos_embed(value: Tensor, target: Tensor) -> Tensor:
 
 
 def _load_weights(backbone: Backbone, timm_model: nn.Module, path: Path) -> None:
-    """Load adapter-keyed or timm-keyed weights; any mismatch is one clear ModelError line."""
+    """Load adapter-keyed or timm-keyed weights; any mismatch is one clear ModelError line.
+
+    timm keys are mapped onto ours through tensor identity (the adapter reuses timm's modules).
+    A timm checkpoint's classifier and class/register tokens are ignored, as are the timm
+    modules the adapter drops (e.g. MobileNetV2's conv_head): the adapter never uses them.
+    """
     state = _read_state(path)
     own = backbone.state_dict(keep_vars=True)
     timm_state = timm_model.state_dict(keep_vars=True)
     own_key_of = {id(tensor): key for key, tensor in own.items()}
     timm_to_own = {key: own_key_of[id(t)] for key, t in timm_state.items() if id(t) in own_key_of}
     if len(state.keys() & timm_state.keys()) > len(state.keys() & own.keys()):
-        unexpected = [k for k in state if k not in timm_state]
+        classifier = timm_model.pretrained_cfg.get("classifier") or "head"
+        unused = (f"{classifier}.", "cls_token", "reg_token")  # what a timm checkpoint has beyond blocks
+        unexpected = [k for k in state if k not in timm_state and not k.startswith(unused)]
         state = {timm_to_own[k]: v for k, v in state.items() if k in timm_to_own}
     else:
         unexpected = [k for k in state if k not in own]

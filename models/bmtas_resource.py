@@ -17,7 +17,8 @@ Two estimators of ``E[N_l]`` are offered, selected by name from :data:`RESOURCE_
     ``sum_{k>=1} (-1)^{k+1} C(n, k) = 1``). Taking expectations, and using that layers are
     independent,
 
-        E[N_l] = sum_{U != {}} (-1)^{|U|+1} prod_{i<=l} s_i(U),   s_i(U) = sum_j prod_{t in U} p[i, t, j],
+        E[N_l] = sum_{U != {}} (-1)^{|U|+1} prod_{i<=l} s_i(U),
+        s_i(U) = sum_j prod_{t in U} p[i, t, j],
 
     where ``prod_i s_i(U)`` is the probability that all tasks of U share their prefix. This is
     the formula in METHODS.md; it is verified against brute-force enumeration and Monte Carlo
@@ -67,28 +68,42 @@ def _check_probs(probs: Tensor) -> tuple[int, int]:
     return probs.shape[0], probs.shape[1]
 
 
+def _subset_products(probs: Tensor) -> Tensor:
+    """``out[U, l, j] = prod_{t in U} probs[l, t, j]`` for every subset U of the given tasks.
+
+    Built by doubling (the subsets without task t, then the same subsets times task t), so row
+    U is indexed by bitmask and row 0, the empty product, is 1.
+    """
+    num_layers, num_tasks, num_ops = probs.shape
+    products = probs.new_ones(1, num_layers, num_ops)
+    for task in range(num_tasks):
+        products = torch.cat([products, products * probs[:, task, :]], dim=0)
+    return products
+
+
 def subset_coincidence(probs: Tensor) -> Tensor:
     """``s[U, l]``: probability that all tasks of subset U pick the same copy at layer l.
 
     Subsets are indexed by bitmask (bit t set <=> task t in U); row 0 is the empty set, whose
-    "product over no task" is 1 for every copy, so ``s[0, l] = T``. The products for all 2^T
-    subsets are built by doubling (subsets without task t, then with it): 2 * 2^T * L * T
-    multiplies and no membership matrix, which keeps T = 16 within a few hundred MB.
+    "product over no task" is 1 for every copy, so ``s[0, l] = T``. Meet in the middle: with U
+    split into its low half A and high half B, ``s[U, l] = sum_j low[A, l, j] * high[B, l, j]``
+    is one batched matrix product over layers. Only 2 * 2^(T/2) products per layer and copy are
+    materialised instead of 2^T, so T = 16, L = 18 needs megabytes, not a gigabyte.
     """
     num_layers, num_tasks = _check_probs(probs)
     probs = probs.to(_COMPUTE_DTYPE)
-    products = probs.new_ones(1, num_layers, num_tasks)  # (subsets, layer, copy)
-    for task in range(num_tasks):
-        products = torch.cat([products, products * probs[:, task, :]], dim=0)
-    return products.sum(dim=2)
+    half = num_tasks // 2
+    low, high = _subset_products(probs[:, :half]), _subset_products(probs[:, half:])
+    # Row index of U = A + B * 2^half, i.e. B-major then A.
+    return torch.einsum("alj,blj->bal", low, high).reshape(2**num_tasks, num_layers)
 
 
 @functools.lru_cache(maxsize=None)
-def _inclusion_exclusion_signs(num_tasks: int) -> Tensor:
+def _inclusion_exclusion_signs(num_tasks: int, device: torch.device) -> Tensor:
     """(-1)^{|U|+1} for every non-empty subset U, in bitmask order starting at U = 1."""
     masks = torch.arange(1, 2**num_tasks)
     sizes = ((masks[:, None] >> torch.arange(num_tasks)) & 1).sum(dim=1)
-    return 1.0 - 2.0 * (sizes % 2 == 0).to(_COMPUTE_DTYPE)
+    return (1.0 - 2.0 * (sizes % 2 == 0).to(_COMPUTE_DTYPE)).to(device)
 
 
 @RESOURCE_ESTIMATORS.register("exact")
@@ -104,7 +119,7 @@ def expected_num_ops_exact(probs: Tensor) -> Tensor:
             f"(2^T subsets); got T={num_tasks}"
         )
     share_prefix = torch.cumprod(subset_coincidence(probs)[1:], dim=1)  # (2^T - 1, L)
-    signs = _inclusion_exclusion_signs(num_tasks).to(share_prefix.device)
+    signs = _inclusion_exclusion_signs(num_tasks, share_prefix.device)
     return (signs @ share_prefix).to(probs.dtype)
 
 
@@ -131,8 +146,10 @@ def set_partitions(num_tasks: int) -> list[tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _partition_lattice(num_tasks: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Index tensors for the partition lattice of T tasks, built once per T.
+def _partition_lattice(
+    num_tasks: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Index tensors for the partition lattice of T tasks, built once per T and device.
 
     Returns ``blocks`` (Bell, T) bitmasks padded with -1, ``num_blocks`` (Bell,), and the
     refinement pairs ``finer[e] <= coarser[e]`` (every block of ``finer`` lies in a block of
@@ -156,13 +173,14 @@ def _partition_lattice(num_tasks: int) -> tuple[Tensor, Tensor, Tensor, Tensor, 
             finer.append(index[tuple(sorted(fine))])
             coarser.append(m)
             mobius.append(weight)
-    return (
+    lattice = (
         blocks,
         (blocks >= 0).sum(dim=1),
         torch.tensor(finer),
         torch.tensor(coarser),
         torch.tensor(mobius, dtype=_COMPUTE_DTYPE),
     )
+    return tuple(t.to(device) for t in lattice)  # type: ignore[return-value]
 
 
 @RESOURCE_ESTIMATORS.register("paper_chain")
@@ -180,10 +198,7 @@ def expected_num_ops_paper_chain(probs: Tensor) -> Tensor:
             f"paper_chain resource estimator supports at most {MAX_TASKS_PAPER_CHAIN} tasks "
             f"(Bell(T) task groupings); got T={num_tasks}; use the 'exact' estimator"
         )
-    device = probs.device
-    blocks, num_blocks, finer, coarser, mobius = (
-        t.to(device) for t in _partition_lattice(num_tasks)
-    )
+    blocks, num_blocks, finer, coarser, mobius = _partition_lattice(num_tasks, probs.device)
     coincide = subset_coincidence(probs)  # (2^T, L)
     # Padding (-1) must contribute a factor 1 to the product over blocks.
     padded = torch.cat([coincide, coincide.new_ones(1, num_layers)], dim=0)

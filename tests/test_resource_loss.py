@@ -7,6 +7,7 @@ grouping, explicit ancestor sets).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -49,7 +50,8 @@ def enumerate_all_routings(probs: torch.Tensor) -> torch.Tensor:
     num_layers, num_tasks, _ = probs.shape
     grid = torch.cartesian_prod(*[torch.arange(num_tasks)] * (num_layers * num_tasks))
     choices = grid.view(-1, num_layers, num_tasks)
-    weight = probs[torch.arange(num_layers)[:, None], torch.arange(num_tasks), choices].flatten(1).prod(dim=1)
+    layers, tasks = torch.arange(num_layers)[:, None], torch.arange(num_tasks)
+    weight = probs[layers, tasks, choices].flatten(1).prod(dim=1)
     return weight @ distinct_prefixes(choices, num_tasks)
 
 
@@ -126,10 +128,9 @@ def test_exact_matches_enumeration_of_all_routings(num_tasks: int, num_layers: i
 def test_both_estimators_match_layerwise_enumeration(num_tasks: int, num_layers: int, seed: int) -> None:
     probs = random_probs(num_layers, num_tasks, seed=seed)
     exact, paper = enumerate_layerwise(probs)
-    torch.testing.assert_close(expected_num_ops_exact(probs), torch.tensor(exact, dtype=torch.float64),
-                               rtol=0, atol=1e-9)
-    torch.testing.assert_close(expected_num_ops_paper_chain(probs), torch.tensor(paper, dtype=torch.float64),
-                               rtol=0, atol=1e-9)
+    as_tensor = functools.partial(torch.tensor, dtype=torch.float64)
+    torch.testing.assert_close(expected_num_ops_exact(probs), as_tensor(exact), rtol=0, atol=1e-9)
+    torch.testing.assert_close(expected_num_ops_paper_chain(probs), as_tensor(paper), rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("num_tasks,seed", [(3, 5), (4, 6)])
@@ -183,6 +184,16 @@ def test_uniform_init_three_tasks_two_layers_by_hand() -> None:
     torch.testing.assert_close(expected_num_ops_exact(probs),
                                torch.tensor([19 / 9, 217 / 81], dtype=torch.float64))
     assert expected_num_ops_paper_chain(probs)[1] > 217 / 81 + 0.03
+
+
+@pytest.mark.parametrize("num_tasks", [13, 16])
+def test_uniform_routing_matches_the_occupancy_formula_up_to_the_limit(num_tasks: int) -> None:
+    # With uniform choices the T prefixes of layer l are T draws from T^l equally likely
+    # values, so E[N_l] = n (1 - (1 - 1/n)^T) with n = T^l (expected number of occupied bins).
+    probs = torch.full((3, num_tasks, num_tasks), 1 / num_tasks, dtype=torch.float64)
+    bins = torch.tensor([float(num_tasks) ** l for l in (1, 2, 3)], dtype=torch.float64)
+    occupied = bins * (1 - (1 - 1 / bins) ** num_tasks)
+    torch.testing.assert_close(expected_num_ops_exact(probs), occupied, rtol=0, atol=1e-9)
 
 
 def one_hot_logits(ops: list[list[int]], num_tasks: int, scale: float = 1e3) -> torch.Tensor:

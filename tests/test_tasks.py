@@ -37,7 +37,7 @@ def test_segmentation_miou_and_pixel_accuracy_by_hand():
     task = create_task("seg", "segmentation", INFO)
     target = torch.tensor([[[0, 0, 1], [1, 2, 255]]])
     guess = torch.tensor([[[0, 1, 1], [1, 2, 0]]])
-    pred = torch.nn.functional.one_hot(guess.clamp(max=3), 4).permute(0, 3, 1, 2).float()
+    pred = torch.nn.functional.one_hot(guess, 4).permute(0, 3, 1, 2).float()
     # 5 labelled pixels (the ignored one's guess does not count). Class 0: TP 1, FN 1 -> 1/2.
     # Class 1: TP 2, FP 1 -> 2/3. Class 2: TP 1 -> 1. Class 3 never occurs: left out.
     out = _compute(task, pred, target)
@@ -104,11 +104,11 @@ def test_ssi_loss_vanishes_for_a_scaled_and_shifted_depth():
 
 
 def test_ssi_loss_by_hand_for_a_non_affine_prediction():
-    # Least squares fit of target (0, 1, 1) on prediction (0, 1, 2): s = 1/2, t = 1/6,
-    # aligned (1/6, 2/3, 7/6), residuals (1/6, -1/3, 1/6): sum of squares 1/6; loss = (1/6) / (2*3).
+    # Least-squares fit of the label (1, 2, 2) by s * (0, 1, 2) + t: s = cov/var = 1/2, t = 5/3 - 1/2
+    # = 7/6; aligned (7/6, 5/3, 13/6), residuals (1/6, -1/3, 1/6): sum of squares 1/6; loss = (1/6)/(2*3).
     task = create_task("d", "depth", INFO, loss="ssi")
     pred = torch.tensor([0.0, 1.0, 2.0]).view(1, 1, 1, 3)
-    target = torch.tensor([1.0, 2.0, 2.0]).view(1, 1, 1, 3)  # shifted by +1 to be valid depths
+    target = torch.tensor([1.0, 2.0, 2.0]).view(1, 1, 1, 3)
     assert task.loss(pred, target).item() == pytest.approx(1 / 36, rel=1e-5)
     constant = torch.full((1, 1, 1, 3), 7.0, requires_grad=True)
     loss = task.loss(constant, target)  # no scale can be fitted: s = 0, t = mean label
@@ -186,7 +186,7 @@ def test_attributes_error_and_column_selection():
     task = create_task("attr", "attributes", INFO, select=[0, 2])
     assert task.out_channels == 2 and task.output == "global"
     target = torch.tensor([[1, 0, 1], [0, 1, 1]])
-    pred = torch.tensor([[2.0, -1.0], [1.0, 3.0]])  # columns 0 and 2: wrong only at (1, 0)
+    pred = torch.tensor([[2.0, 1.0], [1.0, 3.0]])  # columns 0 and 2 are [[1, 1], [0, 1]]: wrong at (1, 0)
     assert _compute(task, pred, target)["error"] == pytest.approx(1 / 4)
     zero = task.loss(torch.zeros(2, 2), target)
     assert zero.item() == pytest.approx(math.log(2))
@@ -266,7 +266,8 @@ def test_unknown_option_is_named():
 
 def test_missing_label_lists_what_the_dataset_has():
     info = DatasetInfo((4, 4), (0, 0, 0), (1, 1, 1), {"depth": {}, "edges": {}})
-    with pytest.raises(ConfigError, match=r"task 'seg': dataset has no label 'segmentation' \(it has: depth, edges\)"):
+    message = r"task 'seg': dataset has no label 'segmentation' \(it has: depth, edges\)"
+    with pytest.raises(ConfigError, match=message):
         create_task("seg", "segmentation", info)
 
 

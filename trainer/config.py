@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names every bad field."""
 
 
+# Components chosen by name; `method: shared` is short for `method: {name: shared}`.
+_NAMED_DEFAULTS = {"method": {"name": "shared"}, "weighting": {"name": "ew"}}
+
+
 @dataclass
 class DataConfig:
     dataset: str = "synthscenes"
@@ -87,8 +91,8 @@ class BenchConfig:
 @dataclass
 class Config:
     name: str = "run"
-    method: dict = field(default_factory=lambda: {"name": "shared"})
-    weighting: dict = field(default_factory=lambda: {"name": "ew"})
+    method: dict = field(default_factory=lambda: dict(_NAMED_DEFAULTS["method"]))
+    weighting: dict = field(default_factory=lambda: dict(_NAMED_DEFAULTS["weighting"]))
     primary: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
@@ -219,8 +223,8 @@ def _apply_override(raw: dict, assignment: str) -> None:
             node = node[int(part)]
         else:
             if node.get(part) is None:
-                node[part] = {}
-            elif isinstance(node[part], str) and part in ("method", "weighting"):
+                node[part] = dict(_NAMED_DEFAULTS.get(part, {})) if node is raw else {}
+            elif isinstance(node[part], str) and part in _NAMED_DEFAULTS:
                 node[part] = {"name": node[part]}
             node = node[part]
     last = parts[-1]

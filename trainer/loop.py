@@ -69,7 +69,7 @@ def build_spec(cfg: Config, tasks: list) -> ArchSpec:
     )
 
 
-def _make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _make_optimizer(cfg: Config, params: list[dict]) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -91,9 +91,10 @@ def setup(cfg: Config, run_dir: str | Path) -> RunState:
                                  primary=[cfg.primary] if cfg.primary else spec.task_names,
                                  task_weights={t.name: t.weight for t in cfg.tasks})
     model = method.build(spec, backbone_weights=cfg.model.weights)
-    arch_ids = {id(p) for p in method.arch_parameters(model)}
-    weights = [p for p in model.parameters() if id(p) not in arch_ids]
-    optimizer = _make_optimizer(cfg, weights + list(weighting.parameters()))
+    groups = method.param_groups(model)
+    if weighting.parameters():
+        groups.append({"params": list(weighting.parameters())})
+    optimizer = _make_optimizer(cfg, groups)
     run = RunDir(run_dir)
     run.create(cfg)
     spec.save(run.arch_path)
@@ -206,7 +207,8 @@ def finish(state: RunState) -> dict:
     state.spec.save(state.run.arch_path)
     state.run.log({"type": "test", "test": test})
     return {"test": test, "directions": {t.name: t.metrics for t in state.tasks},
-            "main_metric": {t.name: t.main_metric for t in state.tasks}}
+            "main_metric": {t.name: t.main_metric for t in state.tasks},
+            "follow_up": state.method.follow_up(state.cfg, state.run.path, state.spec.decision)}
 
 
 def train(cfg: Config, run_dir: str | Path) -> dict:

@@ -2,5 +2,6 @@
 from __future__ import annotations
 
 from taskfold.trainer.data.base import DATASETS, DatasetInfo, create_dataset
+from taskfold.trainer.data import synthscenes  # noqa: F401  (registers "synthscenes")
 
 __all__ = ["DATASETS", "DatasetInfo", "create_dataset"]

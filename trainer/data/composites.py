@@ -86,7 +86,7 @@ class CompositeOptions:
     max_scale: float = 1.0
     overlap: float = 0.0
     tint: bool = True
-    mask_threshold: float = 0.2
+    mask_threshold: float = 0.05
     segmentation: str = "kind"  # "kind": 0 background, 1 fashion, 2 digit; "class": 1 + class index
 
 
@@ -114,6 +114,7 @@ class Placement:
     top: np.ndarray
     left: np.ndarray
     side: np.ndarray
+    colour: np.ndarray  # float32 (N, 3): RGB multiplier of the object's intensity
 
 
 class CompositeDataset(Dataset):
@@ -178,7 +179,8 @@ def _check(opts: CompositeOptions, size: int) -> None:
         problems.append("data.options.min_scale/max_scale: need 0 < min_scale <= max_scale <= 1")
     cell = size // 2
     if not 0.0 <= opts.overlap or 2 * int(opts.overlap * cell) >= round(opts.min_scale * cell):
-        problems.append("data.options.overlap: must be >= 0 and below min_scale / 2 (an object's centre must stay in its quadrant)")
+        problems.append("data.options.overlap: must be >= 0 and below min_scale / 2 "
+                        "(an object's centre must stay in its quadrant)")
     if not 0.0 < opts.mask_threshold <= 1.0:
         problems.append("data.options.mask_threshold: must be in (0, 1]")
     if opts.segmentation not in ("kind", "class"):
@@ -210,10 +212,31 @@ def _slots(opts: CompositeOptions) -> list[tuple[str, str, int]]:
     return slots
 
 
+def _paste(canvas: np.ndarray, seg: np.ndarray, objects: np.ndarray, top: np.ndarray, left: np.ndarray,
+           side: np.ndarray, colour: np.ndarray, seg_value: np.ndarray, mask_threshold: float) -> None:
+    """Alpha-composite object i (uint8 intensity = alpha) of side ``side[i]`` onto canvas i, in place.
+
+    Objects of equal side are resized in one batched call (a handful of distinct sides), so the
+    Python loop only does the slicing.
+    """
+    for s in np.unique(side):
+        group = np.flatnonzero(side == s)
+        src = torch.from_numpy(objects[group]).float().div_(255).unsqueeze(1)
+        alpha = F.interpolate(src, size=(int(s), int(s)), mode="bilinear", antialias=True,
+                              align_corners=False).clamp_(0, 1).squeeze(1).numpy()
+        for a, i in zip(alpha, group):
+            window = (slice(top[i], top[i] + s), slice(left[i], left[i] + s))
+            region = canvas[i][(slice(None), *window)]
+            region *= 1 - a
+            region += colour[i][:, None, None] * a
+            seg[i][window][a >= mask_threshold] = seg_value[i]
+
+
 @DATASETS.register("composites")
 def composites(*, split: str, size: int, num_samples: int, seed: int = 0, cache_dir: str | None = None,
                **options) -> CompositeDataset:
-    """Build ``num_samples`` composites of ``split``; deterministic in (seed, split, options).
+    """Build ``num_samples`` composites of ``split``; the same (seed, split, size, num_samples,
+    options) always gives the same data (a smaller ``num_samples`` is not a prefix of a larger one).
 
     ``cache_dir`` is accepted for the dataset contract but unused: building from the installed
     files takes seconds.
@@ -254,23 +277,13 @@ def composites(*, split: str, size: int, num_samples: int, seed: int = 0, cache_
         label = source.labels[pick]
         seg_value = (1 if kind == "fashion" else 2) if opts.segmentation == "kind" else \
             1 + label + (0 if kind == "fashion" else len(FASHION_CLASSES))
-        seg_value = np.broadcast_to(seg_value, (n,))
-        for s in np.unique(side):
-            group = np.flatnonzero(side == s)
-            src = torch.from_numpy(source.images[pick[group]]).float().div_(255).unsqueeze(1)
-            alpha = F.interpolate(src, size=(int(s), int(s)), mode="bilinear", antialias=True,
-                                  align_corners=False).clamp_(0, 1).squeeze(1).numpy()
-            for a, i in zip(alpha, group):
-                window = (slice(top[i], top[i] + s), slice(left[i], left[i] + s))
-                region = canvas[i][(slice(None), *window)]
-                region *= 1 - a
-                region += colour[i][:, None, None] * a
-                seg[i][window][a >= opts.mask_threshold] = seg_value[i]
+        _paste(canvas, seg, source.images[pick], top, left, side, colour,
+               np.broadcast_to(seg_value, (n,)), opts.mask_threshold)
         for suffix, (_, table) in ATTRIBUTES[kind].items():
             targets[f"{name}_{suffix}"] = torch.from_numpy(np.asarray(table, dtype=np.int64)[label])
         targets[f"{name}_quadrant"] = torch.from_numpy(cells[:, j].astype(np.int64))
         placements.append(Placement(name, kind, instance, source.origin, source.rows[pick], label,
-                                    cells[:, j].copy(), top, left, side))
+                                    cells[:, j].copy(), top, left, side, colour))
     targets["segmentation"] = torch.from_numpy(seg)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)

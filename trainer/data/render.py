@@ -90,161 +90,185 @@ def camera_rays(height: int, width: int) -> np.ndarray:
 
 
 class _NearestHit:
-    """Per-pixel record of the nearest surface found so far, updated one surface at a time."""
+    """Per-pixel record of the nearest surface found so far, updated one surface at a time.
+
+    Vectors are stored component-first, ``(3, B, P)``, so that every operation of the ray caster
+    is an elementwise one on contiguous arrays. Only depth, normal and surface id are tracked;
+    class and colour are looked up from the surface id afterwards.
+    """
 
     def __init__(self, num_scenes: int, num_pixels: int) -> None:
         self.t = np.full((num_scenes, num_pixels), np.inf)
-        self.normal = np.zeros((num_scenes, num_pixels, 3))
-        self.label = np.zeros((num_scenes, num_pixels), dtype=np.uint8)
+        self.normal = np.zeros((3, num_scenes, num_pixels))
         self.instance = np.zeros((num_scenes, num_pixels), dtype=np.int16)
-        self.albedo = np.zeros((num_scenes, num_pixels, 3))
 
-    def offer(self, rows, t, normal, label: int, instance: int, albedo) -> None:
-        """Keep the surface at pixels of scenes ``rows`` where it is nearer than what was kept."""
-        nearer = t < self.t[rows]
-        self.t[rows] = np.where(nearer, t, self.t[rows])
-        self.normal[rows] = np.where(nearer[..., None], normal, self.normal[rows])
-        self.label[rows] = np.where(nearer, label, self.label[rows])
-        self.instance[rows] = np.where(nearer, instance, self.instance[rows])
-        self.albedo[rows] = np.where(nearer[..., None], albedo[:, None, :], self.albedo[rows])
+    def offer(self, rows: np.ndarray, t: np.ndarray, normal: np.ndarray, instance: int) -> None:
+        """Keep surface ``instance`` at pixels of scenes ``rows`` where it is nearer than the kept one."""
+        best_t, best_normal, best_instance = self.t[rows], self.normal[:, rows], self.instance[rows]
+        nearer = t < best_t
+        np.copyto(best_t, t, where=nearer)
+        np.copyto(best_normal, normal, where=nearer)
+        best_instance[nearer] = instance
+        self.t[rows], self.normal[:, rows], self.instance[rows] = best_t, best_normal, best_instance
 
 
 def _valid(t: np.ndarray, hit: np.ndarray) -> np.ndarray:
     return np.where(hit & (t > _MIN_T), t, np.inf)
 
 
-def _intersect_plane(origin, dirs, axis: int, offset, normal: tuple[float, float, float]):
-    """Hits of the plane ``p[axis] = offset`` (offset per scene) seen from its front side."""
+def _intersect_plane(origin, dirs, axis: int, offset, facing: float):
+    """Hits of the plane ``p[axis] = offset`` (per scene) whose normal is ``facing`` times axis."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = (offset[:, None] - origin[:, None, axis]) / dirs[..., axis]
-    facing = dirs @ np.asarray(normal) < 0
-    return _valid(t, facing), np.broadcast_to(np.asarray(normal, dtype=float), dirs.shape)
+        t = (offset[:, None] - origin[axis]) / dirs[axis]
+    normal = np.zeros((3, 1, 1))
+    normal[axis] = facing
+    return _valid(t, facing * dirs[axis] < 0), normal
 
 
 def _intersect_sphere(origin, dirs, centre, radius):
-    """Nearest hits of spheres (one per scene row) from outside; normals ``(p - c) / r``."""
+    """Nearest hits of spheres (one per scene row) seen from outside; normals ``(p - c) / r``."""
     oc = origin - centre
-    a = np.einsum("npk,npk->np", dirs, dirs)
-    b = np.einsum("npk,nk->np", dirs, oc)
-    c = np.einsum("nk,nk->n", oc, oc) - radius**2
-    disc = b * b - a * c[:, None]
+    a = dirs[0] * dirs[0] + dirs[1] * dirs[1] + dirs[2] * dirs[2]
+    b = dirs[0] * oc[0] + dirs[1] * oc[1] + dirs[2] * oc[2]
+    c = oc[0] * oc[0] + oc[1] * oc[1] + oc[2] * oc[2] - radius**2
+    disc = b * b - a * c
     t = _valid((-b - np.sqrt(np.maximum(disc, 0.0))) / a, disc >= 0)
-    point = origin[:, None, :] + np.where(np.isfinite(t), t, 0.0)[..., None] * dirs
-    return t, (point - centre[:, None, :]) / radius[:, None, None]
+    t_finite = np.where(np.isfinite(t), t, 0.0)
+    return t, (oc + t_finite * dirs) / radius
+
+
+def _turn(x, z, cos, sin):
+    """Rotate the horizontal components ``(x, z)`` by the angle with ``cos``, ``sin`` about y."""
+    return cos * x + sin * z, -sin * x + cos * z
 
 
 def _intersect_box(origin, dirs, centre, half_size, angle):
     """Nearest hits of boxes turned by ``angle`` about the vertical axis (slab method)."""
     cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
     rel = origin - centre
-    # Into the box frame (rotate by -angle about y); the y axis is unchanged.
-    o_local = np.stack([cos[:, 0] * rel[:, 0] - sin[:, 0] * rel[:, 2], rel[:, 1],
-                        sin[:, 0] * rel[:, 0] + cos[:, 0] * rel[:, 2]], axis=-1)
-    d_local = np.stack([cos * dirs[..., 0] - sin * dirs[..., 2], dirs[..., 1],
-                        sin * dirs[..., 0] + cos * dirs[..., 2]], axis=-1)
+    # World to box frame is a turn by -angle; the vertical component is unchanged.
+    o_x, o_z = _turn(rel[0], rel[2], cos, -sin)
+    d_x, d_z = _turn(dirs[0], dirs[2], cos, -sin)
+    local_o, local_d = (o_x, rel[1], o_z), (d_x, dirs[1], d_z)
+    enter, leave = [], []
     with np.errstate(divide="ignore", invalid="ignore"):
-        t_low = (-half_size[:, None, :] - o_local[:, None, :]) / d_local
-        t_high = (half_size[:, None, :] - o_local[:, None, :]) / d_local
-    t_enter = np.minimum(t_low, t_high)
-    t_near, t_far = t_enter.max(axis=-1), np.maximum(t_low, t_high).min(axis=-1)
+        for axis in range(3):
+            t_low = (-half_size[axis] - local_o[axis]) / local_d[axis]
+            t_high = (half_size[axis] - local_o[axis]) / local_d[axis]
+            enter.append(np.minimum(t_low, t_high))
+            leave.append(np.maximum(t_low, t_high))
+    t_near = np.maximum(np.maximum(enter[0], enter[1]), enter[2])
+    t_far = np.minimum(np.minimum(leave[0], leave[1]), leave[2])
     t = _valid(t_near, t_near <= t_far)
-    # The face entered last is the one hit; its outward normal opposes the ray on that axis.
-    face = np.argmax(t_enter, axis=-1)
-    n_local = np.zeros_like(d_local)
-    np.put_along_axis(n_local, face[..., None], -np.sign(np.take_along_axis(d_local, face[..., None], -1)), -1)
-    normal = np.stack([cos * n_local[..., 0] + sin * n_local[..., 2], n_local[..., 1],
-                       -sin * n_local[..., 0] + cos * n_local[..., 2]], axis=-1)
-    return t, normal
+    # The slab entered last holds the face that is hit; its outward normal opposes the ray.
+    n_local = [np.where(enter[axis] == t_near, -np.sign(local_d[axis]), 0.0) for axis in range(3)]
+    n_x, n_z = _turn(n_local[0], n_local[2], cos, sin)
+    return t, np.stack([n_x, n_local[1], n_z])
 
 
 def _intersect_cylinder(origin, dirs, centre, radius, height):
     """Nearest hits of vertical cylinders standing on the floor: the side or the top cap."""
-    ox, oz = origin[:, 0:1] - centre[:, 0:1], origin[:, 2:3] - centre[:, 2:3]
-    dx, dy, dz = dirs[..., 0], dirs[..., 1], dirs[..., 2]
-    r2 = (radius**2)[:, None]
+    ox, oy, oz = origin[0] - centre[0], origin[1], origin[2] - centre[2]
+    dx, dy, dz = dirs
+    r2 = radius**2
     a = dx * dx + dz * dz
     b = ox * dx + oz * dz
     disc = b * b - a * (ox * ox + oz * oz - r2)
     with np.errstate(divide="ignore", invalid="ignore"):
         t_side = (-b - np.sqrt(np.maximum(disc, 0.0))) / a
-        y_side = origin[:, 1:2] + t_side * dy
-        t_side = _valid(t_side, (disc >= 0) & (y_side >= 0) & (y_side <= height[:, None]))
-        t_cap = (height[:, None] - origin[:, 1:2]) / dy
+        y_side = oy + t_side * dy
+        t_side = _valid(t_side, (disc >= 0) & (y_side >= 0) & (y_side <= height))
+        t_cap = (height - oy) / dy
         cap_x, cap_z = ox + t_cap * dx, oz + t_cap * dz
         t_cap = _valid(t_cap, cap_x * cap_x + cap_z * cap_z <= r2)
-    side_x = np.where(np.isfinite(t_side), ox + t_side * dx, 0.0) / radius[:, None]
-    side_z = np.where(np.isfinite(t_side), oz + t_side * dz, 0.0) / radius[:, None]
+    t_side_finite = np.where(np.isfinite(t_side), t_side, 0.0)
     on_cap = t_cap < t_side
-    normal = np.stack([np.where(on_cap, 0.0, side_x), on_cap.astype(float), np.where(on_cap, 0.0, side_z)], axis=-1)
+    normal = np.stack([
+        np.where(on_cap, 0.0, (ox + t_side_finite * dx) / radius),
+        on_cap.astype(float),
+        np.where(on_cap, 0.0, (oz + t_side_finite * dz) / radius),
+    ])
     return np.minimum(t_side, t_cap), normal
 
 
-def _hash_unit(seed: np.ndarray, *coords: np.ndarray) -> np.ndarray:
-    """Deterministic pseudo-random values in [0, 1) from integer coordinates (splitmix-style)."""
-    h = seed.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    for coord in coords:
-        h = (h ^ coord.astype(np.int64).astype(np.uint64)) * np.uint64(0xBF58476D1CE4E5B9)
-        h = h ^ (h >> np.uint64(29))
-        h = h * np.uint64(0x94D049BB133111EB)
-        h = h ^ (h >> np.uint64(32))
+def _hash_unit(seed: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Deterministic pseudo-random values in [0, 1) from integer keys (splitmix64 finaliser)."""
+    h = (seed.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ key.astype(np.int64).astype(np.uint64)
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    h = h ^ (h >> np.uint64(31))
     return (h >> np.uint64(40)).astype(np.float64) / float(1 << 24)
 
 
-def _cast(scenes: Scenes, rays_cam: np.ndarray) -> tuple[_NearestHit, np.ndarray, np.ndarray]:
-    """Nearest surface for every ray of every scene; also the world rays and rotations used."""
-    rotation = camera_to_world(scenes.pitch, scenes.yaw)
-    dirs = np.einsum("pj,bij->bpi", rays_cam, rotation)
+def _surface_tables(scenes: Scenes) -> tuple[np.ndarray, np.ndarray]:
+    """Class ``(B, S)`` and albedo ``(B, S, 3)`` of every surface id (room planes, then slots)."""
     num_scenes = len(scenes)
-    origin = np.zeros((num_scenes, 3))
-    origin[:, 1] = scenes.camera_height
+    room_labels = np.tile([FLOOR, WALL, WALL, WALL], (num_scenes, 1))
+    labels = np.concatenate([room_labels, scenes.kind], axis=1)
+    walls = np.repeat(scenes.wall_color[:, None, :], 3, axis=1)
+    colors = np.concatenate([scenes.floor_color[:, None, :], walls, scenes.color], axis=1)
+    return labels, colors
+
+
+def _cast(scenes: Scenes, rays_cam: np.ndarray) -> tuple[_NearestHit, np.ndarray, np.ndarray]:
+    """Nearest surface for every ray of every scene; also the world rays ``(3, B, P)`` and rotations."""
+    rotation = camera_to_world(scenes.pitch, scenes.yaw)
+    dirs = np.einsum("bij,pj->ibp", rotation, rays_cam)
+    num_scenes = len(scenes)
+    origin = np.zeros((3, num_scenes, 1))
+    origin[1, :, 0] = scenes.camera_height
     hits = _NearestHit(num_scenes, len(rays_cam))
-    everything = slice(None)
-    floor_color = scenes.floor_color
+    every_scene = np.arange(num_scenes)
     room = [
-        (1, np.zeros(num_scenes), (0.0, 1.0, 0.0), FLOOR, _FLOOR_ID, floor_color),
-        (2, scenes.room_depth, (0.0, 0.0, -1.0), WALL, _BACK_WALL_ID, scenes.wall_color),
-        (0, -scenes.room_half_width, (1.0, 0.0, 0.0), WALL, _LEFT_WALL_ID, scenes.wall_color),
-        (0, scenes.room_half_width, (-1.0, 0.0, 0.0), WALL, _RIGHT_WALL_ID, scenes.wall_color),
+        (1, np.zeros(num_scenes), 1.0, _FLOOR_ID),
+        (2, scenes.room_depth, -1.0, _BACK_WALL_ID),
+        (0, -scenes.room_half_width, 1.0, _LEFT_WALL_ID),
+        (0, scenes.room_half_width, -1.0, _RIGHT_WALL_ID),
     ]
-    for axis, offset, normal, label, instance, color in room:
-        t, n = _intersect_plane(origin, dirs, axis, offset, normal)
-        hits.offer(everything, t, n, label, instance, color)
+    for axis, offset, facing, instance in room:
+        t, n = _intersect_plane(origin, dirs, axis, offset, facing)
+        hits.offer(every_scene, t, n, instance)
     for slot in range(scenes.kind.shape[1]):
         for kind in (BOX, SPHERE, CYLINDER):
             rows = np.flatnonzero(scenes.kind[:, slot] == kind)
             if rows.size == 0:
                 continue
-            half = scenes.half_size[rows, slot]
+            half = scenes.half_size[rows, slot].T[:, :, None]
             x, z = scenes.position[rows, slot, 0], scenes.position[rows, slot, 1]
-            centre = np.stack([x, half[:, 1], z], axis=-1)
+            centre = np.stack([x, half[1, :, 0], z])[:, :, None]
+            ray_o, ray_d = origin[:, rows], dirs[:, rows]
             if kind == BOX:
-                t, n = _intersect_box(origin[rows], dirs[rows], centre, half, scenes.angle[rows, slot])
+                t, n = _intersect_box(ray_o, ray_d, centre, half, scenes.angle[rows, slot])
             elif kind == SPHERE:
-                t, n = _intersect_sphere(origin[rows], dirs[rows], centre, half[:, 0])
+                t, n = _intersect_sphere(ray_o, ray_d, centre, half[0])
             else:
-                t, n = _intersect_cylinder(origin[rows], dirs[rows], centre, half[:, 0], 2 * half[:, 1])
-            hits.offer(rows, t, n, kind, _FIRST_OBJECT_ID + slot, scenes.color[rows, slot])
+                t, n = _intersect_cylinder(ray_o, ray_d, centre, half[0], 2 * half[1])
+            hits.offer(rows, t, n, _FIRST_OBJECT_ID + slot)
     return hits, dirs, rotation
 
 
-def _shade(scenes: Scenes, hits: _NearestHit, dirs: np.ndarray, image_noise: float) -> np.ndarray:
-    """RGB in [0, 1]: albedo x texture x (ambient + diffuse), plus uniform sensor noise."""
-    point = dirs * hits.t[..., None]
-    point[..., 1] += scenes.camera_height[:, None]
-    seed = scenes.noise_seed[:, None]
-    cells = np.floor(point * TEXTURE_CELLS_PER_UNIT)
-    texture = 1.0 - TEXTURE_CONTRAST * _hash_unit(seed, hits.instance, cells[..., 0], cells[..., 1], cells[..., 2])
+def _shade(scenes: Scenes, hits: _NearestHit, label: np.ndarray, albedo: np.ndarray, dirs: np.ndarray,
+           image_noise: float) -> np.ndarray:
+    """RGB ``(3, B, P)`` in [0, 1]: albedo x texture x (ambient + diffuse), plus uniform sensor noise."""
+    x, y, z = dirs * hits.t
+    y += scenes.camera_height[:, None]
+    # Cell noise fixed to the surface: one random value per (surface, 3-D cell). The key packing is
+    # injective while cell indices stay within +-2047, i.e. for rooms up to 400 units across.
+    cx, cy, cz = (np.floor(c * TEXTURE_CELLS_PER_UNIT).astype(np.int64) for c in (x, y, z))
+    key = ((hits.instance.astype(np.int64) * 4096 + cx) * 4096 + cy) * 4096 + cz
+    texture = 1.0 - TEXTURE_CONTRAST * _hash_unit(scenes.noise_seed[:, None], key)
     tile = scenes.floor_tile[:, None]
-    odd_tile = (np.floor(point[..., 0] / tile) + np.floor(point[..., 2] / tile)) % 2 == 1
-    texture = texture * np.where((hits.label == FLOOR) & odd_tile, 1.0 - FLOOR_TILE_CONTRAST, 1.0)
-    diffuse = np.maximum(np.einsum("bpk,bk->bp", hits.normal, scenes.light_dir), 0.0)
+    odd_tile = (np.floor(x / tile) + np.floor(z / tile)) % 2 == 1
+    texture *= np.where((label == FLOOR) & odd_tile, 1.0 - FLOOR_TILE_CONTRAST, 1.0)
+    light = scenes.light_dir.T[:, :, None]
+    diffuse = np.maximum(hits.normal[0] * light[0] + hits.normal[1] * light[1] + hits.normal[2] * light[2], 0.0)
     ambient = scenes.ambient[:, None]
-    rgb = hits.albedo * (texture * (ambient + (1.0 - ambient) * diffuse))[..., None]
-    pixel = np.arange(dirs.shape[1])[None, :, None]
-    channel = np.arange(3)[None, None, :]
-    uniform = _hash_unit(scenes.noise_seed[:, None, None] + 1, pixel, channel)
+    rgb = albedo * (texture * (ambient + (1.0 - ambient) * diffuse))
+    num_pixels = rgb.shape[2]
+    channel_pixel = np.arange(3)[:, None, None] * num_pixels + np.arange(num_pixels)
+    uniform = _hash_unit(scenes.noise_seed[:, None] + 1, channel_pixel)
     # A uniform on [-a, a] has standard deviation a / sqrt(3).
-    rgb = rgb + (2.0 * uniform - 1.0) * image_noise * np.sqrt(3.0)
+    rgb += (2.0 * uniform - 1.0) * (image_noise * np.sqrt(3.0))
     return np.clip(rgb, 0.0, 1.0)
 
 
@@ -269,7 +293,7 @@ def find_edges(segmentation: np.ndarray, depth: np.ndarray, normals: np.ndarray,
 
         (s0, s1), (d0, d1), (n0, n1), (i0, i1) = pair(segmentation), pair(depth), pair(normals), pair(instance)
         jump = np.abs(d0 - d1) > depth_jump * np.minimum(d0, d1)
-        crease = np.einsum("...k,...k->...", n0, n1) < cos_crease
+        crease = n0[..., 0] * n1[..., 0] + n0[..., 1] * n1[..., 1] + n0[..., 2] * n1[..., 2] < cos_crease
         differs = (s0 != s1) | crease | ((i0 != i1) & jump)
         low = [slice(None)] * edges.ndim
         high = [slice(None)] * edges.ndim
@@ -294,12 +318,16 @@ def render(scenes: Scenes, height: int, width: int, *, image_noise: float = 0.02
     for start in range(0, len(scenes), _CHUNK):
         chunk = scenes.subset(slice(start, start + _CHUNK))
         hits, dirs, rotation = _cast(chunk, rays)
-        rgb = _shade(chunk, hits, dirs, image_noise)
-        parts["image"].append(np.round(rgb * 255.0).astype(np.uint8))
-        parts["segmentation"].append(hits.label)
+        label_table, color_table = _surface_tables(chunk)
+        scene_index = np.arange(len(chunk))[:, None]
+        label = label_table[scene_index, hits.instance].astype(np.uint8)
+        albedo = color_table.transpose(2, 0, 1)[:, scene_index, hits.instance]
+        rgb = _shade(chunk, hits, label, albedo, dirs, image_noise)
+        parts["image"].append(np.moveaxis(np.round(rgb * 255.0).astype(np.uint8), 0, -1))
+        parts["segmentation"].append(label)
         parts["depth"].append(hits.t.astype(np.float32))
         # Camera-frame normal = R^T n_world.
-        parts["normals"].append(np.einsum("bpi,bij->bpj", hits.normal, rotation).astype(np.float32))
+        parts["normals"].append((np.moveaxis(hits.normal, 0, -1) @ rotation).astype(np.float32))
         parts["instance"].append(hits.instance)
     shape = (len(scenes), height, width)
     out = {key: np.concatenate(chunks).reshape(shape + chunks[0].shape[2:]) for key, chunks in parts.items()}

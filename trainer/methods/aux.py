@@ -97,8 +97,9 @@ class AuxMethod:
             self.alpha_optimizer = torch.optim.Adam(model.arch_parameters(), lr=self.options.alpha_lr)
         return model
 
-    def arch_parameters(self, model: AuxNet) -> list[nn.Parameter]:
-        return model.arch_parameters()
+    def param_groups(self, model: AuxNet) -> list[dict]:
+        alpha = {id(p) for p in model.arch_parameters()}
+        return [{"params": [p for p in model.parameters() if id(p) not in alpha]}]
 
     def start_epoch(self, model: AuxNet, progress: Progress) -> dict[str, float]:
         return self._alpha_summary(model) if self.searched else {}
@@ -130,6 +131,9 @@ class AuxMethod:
         with torch.no_grad():
             alphas = {k: torch.sigmoid(v).tolist() for k, v in model.alpha_logits.items()}
         return {"alpha": alphas, **self._alpha_summary(model)}
+
+    def follow_up(self, cfg, run_dir, decision: dict) -> None:
+        return None
 
 
 @METHODS.register("aux_nas")

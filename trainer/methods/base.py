@@ -4,12 +4,16 @@ The loop owns data, epochs, the weight optimiser, weighting, evaluation, logging
 checkpoints. A method owns only what makes it that method:
 
 - ``build``: the network to train, from the ArchSpec;
-- ``arch_parameters`` / ``arch_fraction``: architecture parameters (alpha, group logits) and the
-  share of each epoch's training data reserved for architecture steps (0 = one-shot or none);
+- ``param_groups``: what the loop's weight optimiser updates (method-owned architecture
+  parameters such as Aux-NAS's alpha are left out; per-group learning rates allowed);
+- ``arch_fraction``: the share of each epoch's training data reserved for architecture steps
+  (0 = one-shot or nothing to search);
 - ``start_epoch``: schedules (temperature, L1 weight), returning values to log;
 - ``task_losses``: each task's loss from the network's outputs (DMTG mixes per-branch losses);
 - ``arch_step``: one architecture update on an architecture batch;
-- ``read_off``: the searched decision, saved into ``arch.json``.
+- ``read_off``: the searched decision, saved into ``arch.json``;
+- ``follow_up``: the config of a further stage trained after this one (BMTAS retrains the
+  derived tree), or None.
 
 Methods are plain classes that implement this Protocol; :mod:`plain` holds the defaults a method
 may call rather than inherit.
@@ -17,6 +21,7 @@ may call rather than inherit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -24,6 +29,7 @@ from torch import nn
 
 from taskfold.models.arch import ArchSpec
 from taskfold.models.registry import Registry
+from taskfold.trainer.config import Config
 
 METHODS: Registry = Registry("method")
 
@@ -47,7 +53,7 @@ class Method(Protocol):
 
     def build(self, spec: ArchSpec, *, backbone_weights: str | None) -> nn.Module: ...
 
-    def arch_parameters(self, model: nn.Module) -> list[nn.Parameter]: ...
+    def param_groups(self, model: nn.Module) -> list[dict]: ...
 
     def start_epoch(self, model: nn.Module, progress: Progress) -> dict[str, float]: ...
 
@@ -57,3 +63,5 @@ class Method(Protocol):
                   progress: Progress) -> dict[str, float]: ...
 
     def read_off(self, model: nn.Module) -> dict: ...
+
+    def follow_up(self, cfg: Config, run_dir: Path, decision: dict) -> Config | None: ...

@@ -35,8 +35,8 @@ class PlainMethod:
     def build(self, spec: ArchSpec, *, backbone_weights: str | None) -> nn.Module:
         return build_network(spec, backbone_weights=backbone_weights)
 
-    def arch_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return []
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return [{"params": list(model.parameters())}]
 
     def start_epoch(self, model: nn.Module, progress: Progress) -> dict[str, float]:
         return {}
@@ -49,6 +49,9 @@ class PlainMethod:
 
     def read_off(self, model: nn.Module) -> dict:
         return {}
+
+    def follow_up(self, cfg, run_dir, decision: dict) -> None:
+        return None
 
 
 METHODS.register("single")(PlainMethod)

@@ -11,7 +11,8 @@ import math
 
 def _relative(value: float, reference: float, where: str) -> float:
     if reference == 0 or not math.isfinite(reference):
-        raise ValueError(f"{where}: the reference value is {reference}; a relative change needs a finite non-zero one")
+        raise ValueError(f"{where}: the reference value is {reference}; "
+                         "a relative change needs a finite non-zero one")
     return (value - reference) / reference
 
 

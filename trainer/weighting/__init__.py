@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from taskfold.trainer.weighting.base import StepContext, WeightingStrategy
 from taskfold.trainer.weighting.registry import WEIGHTINGS, create_weighting
-from taskfold.trainer.weighting import equal  # noqa: F401  (registers "ew")
+from taskfold.trainer.weighting import (  # noqa: F401  (importing a module registers its strategies)
+    cagrad, dwa, equal, gcs, gradnorm, ial, projection, uncertainty,
+)
 
 __all__ = ["StepContext", "WeightingStrategy", "WEIGHTINGS", "create_weighting"]

@@ -8,13 +8,11 @@ So a strategy is a function ``gram -> beta`` and this module does the rest:
 
 1. per-task gradients on the *probe* tensors (the shared parameters, or the shared features z),
    with ``torch.autograd.grad(..., retain_graph=True)``;
-2. everything that is not shared (task heads, decoders, auxiliary branches, the strategy's own
-   parameters) gets the gradient of the strategy's ``rest_total`` loss and nothing else;
-3. the shared part gets ``sum_t beta_t * grad L_t``: written straight into ``.grad`` for parameters,
-   or back-propagated as the loss ``sum_t beta_t * L_t`` into the parameters upstream of z. The
-   latter equals ``z.backward(sum_t beta_t * grad_z L_t)`` when z is one tensor, and stays exact
-   when the listed features feed one another (block outputs of one backbone), where back-propagating
-   each feature's gradient would count the later blocks' share twice.
+2. one backward pass of the strategy's ``rest_total`` loss trains everything that is not shared
+   (task heads, decoders, auxiliary branches, the strategy's own parameters), while a hook on each
+   probe replaces the gradient arriving there with ``sum_t beta_t * grad L_t``: for parameters that
+   is their ``.grad``; for z it is then back-propagated into the encoder, as IAL's Eq. 10 asks.
+   No parameter list is needed beyond what :class:`StepContext` already says.
 """
 from __future__ import annotations
 
@@ -50,32 +48,6 @@ def primary_index(names: list[str], ctx: StepContext) -> int:
     return names.index(ctx.primary[0])
 
 
-def graph_leaves(roots: Sequence[torch.Tensor], stop: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
-    """Leaf tensors that require grad and that ``roots`` depend on, without looking past ``stop``.
-
-    Walks the autograd graph (``AccumulateGrad`` nodes hold the leaves). It tells which parameters a
-    loss reaches *other than through* the shared features, without the model having to list them.
-    """
-    stop_nodes = {t.grad_fn for t in stop if t.grad_fn is not None}
-    stop_ids = {id(t) for t in stop}
-    leaves: dict[int, torch.Tensor] = {}
-    for root in roots:
-        if root.grad_fn is None and root.requires_grad and id(root) not in stop_ids:
-            leaves[id(root)] = root
-    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
-    seen: set = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in stop_nodes:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) not in stop_ids:
-            leaves[id(variable)] = variable
-        stack.extend(fn for fn, _ in node.next_functions)
-    return list(leaves.values())
-
-
 class SharedPart:
     """Where the task gradients are compared (``on``) and how their combination reaches the weights.
 
@@ -98,51 +70,40 @@ class SharedPart:
         """Nothing is shared: there is nothing to combine."""
         return not self.probes
 
-    def task_grads(self, losses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[bool]]:
-        """``[T, n]`` flattened gradient of each loss on the probes, and which probes any loss reaches."""
-        rows, used = [], [False] * len(self.probes)
+    def task_grads(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[T, n]``: each loss's gradient on the probes, flattened (zeros where it does not reach)."""
+        rows = []
         for loss in losses:
             grads: Sequence[torch.Tensor | None] = [None] * len(self.probes)
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, self.probes, retain_graph=True, allow_unused=True)
-            flat = []
-            for k, (probe, grad) in enumerate(zip(self.probes, grads)):
-                used[k] = used[k] or grad is not None
-                flat.append((torch.zeros_like(probe) if grad is None else grad).reshape(-1))
-            rows.append(torch.cat(flat))
-        return torch.stack(rows), used
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                   for p, g in zip(self.probes, grads)]))
+        return torch.stack(rows)
 
-    def backward(self, losses: Sequence[torch.Tensor], grads: torch.Tensor, used: list[bool],
-                 beta: torch.Tensor, rest_total: torch.Tensor) -> None:
-        """Shared part: ``sum_t beta_t grad L_t``; every other leaf of ``rest_total``: its gradient."""
-        if self.on == "params":
-            shared = self.probes
-            rest = [t for t in graph_leaves([rest_total]) if id(t) not in {id(p) for p in shared}]
-        else:
-            shared = graph_leaves(self.probes)
-            rest = graph_leaves([rest_total], stop=self.probes)
-            both = {id(t) for t in shared} & {id(t) for t in rest}
-            if both:
-                raise ConfigError(f"weighting.on: 'features': {len(both)} parameter(s) reach the losses both "
-                                  "through shared_features and around them; use on: params")
-        if rest:
-            torch.autograd.backward(rest_total, inputs=rest, retain_graph=self.on == "features")
-        if self.on == "params":
-            _accumulate(self.probes, used, beta.to(grads.device, grads.dtype) @ grads)
-        elif shared:
-            objective = sum(float(b) * loss for b, loss in zip(beta, losses) if loss.requires_grad)
-            if isinstance(objective, torch.Tensor):
-                torch.autograd.backward(objective, inputs=shared)
+    def backward(self, grads: torch.Tensor, beta: torch.Tensor, rest_total: torch.Tensor) -> None:
+        """One ``rest_total.backward()`` in which the gradient arriving at each probe is replaced by
+        its slice of ``sum_t beta_t g_t``.
 
-
-def _accumulate(params: list[torch.Tensor], used: list[bool], flat: torch.Tensor) -> None:
-    """Add slices of ``flat`` to ``.grad`` (accumulating, like ``backward``); skip unreached params."""
-    offset = 0
-    for param, reached in zip(params, used):
-        piece = flat[offset:offset + param.numel()].view_as(param)
-        offset += param.numel()
-        if reached:
-            param.grad = piece.clone() if param.grad is None else param.grad + piece
+        The replacement is a tensor hook, so autograd does the bookkeeping: a parameter that reaches
+        the losses both through z and around it (AuxNet's auxiliary branch feeding the primary)
+        gets the combined gradient through z plus its own task's gradient around it; for features
+        that feed one another, the hook on an earlier feature sees the already-combined gradient of
+        the later one and replaces it with its own combination, which is exactly what the chain
+        rule gives for ``sum_t beta_t L_t`` there, so nothing is counted twice.
+        """
+        combined = beta.to(grads.device, grads.dtype) @ grads
+        handles, offset = [], 0
+        for probe in self.probes:
+            piece = combined[offset:offset + probe.numel()].view_as(probe)
+            offset += probe.numel()
+            handles.append(probe.register_hook(lambda grad, piece=piece: piece.to(grad.dtype)))
+        try:
+            if rest_total.requires_grad:
+                rest_total.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def combined_backward(losses: dict[str, torch.Tensor], ctx: StepContext, on: str, rule: CoefficientRule,
@@ -161,11 +122,10 @@ def combined_backward(losses: dict[str, torch.Tensor], ctx: StepContext, on: str
         if isinstance(rest_total, torch.Tensor) and rest_total.requires_grad:
             rest_total.backward()
         return None
-    task_losses = [losses[t] for t in names]
-    grads, used = part.task_grads(task_losses)
+    grads = part.task_grads([losses[t] for t in names])
     gram = (grads @ grads.T).detach().to("cpu", torch.float64)
     beta = rule(gram)
-    part.backward(task_losses, grads, used, beta, rest_total)
+    part.backward(grads, beta, rest_total)
     return beta
 
 

@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmark scripts: paired timing in one process, matmul peak.
+
+This machine is shared and noisy, so every comparison is made side by side: the candidates are
+timed in alternating rounds (the order rotates each round) and the script reports the ratio of
+their medians, never an absolute number on its own.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def paired_medians(candidates: dict[str, Callable[[], object]], *, rounds: int = 15, per_round: int = 5,
+                   warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured in alternating rounds."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    names = list(candidates)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = candidates[name]
+            start = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            samples[name].append((time.perf_counter() - start) / per_round)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """Best FP32 matrix-multiply throughput of this machine through PyTorch (GFLOP/s, 2·n³ flops)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9

@@ -1,0 +1,34 @@
+"""Shared fixtures: one tiny trained run of the demo recipe and its compiled bundle, made once per
+session with the real CLI, so end-to-end tests exercise exactly what users run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+# The demo recipe's architecture, cut to seconds of training.
+TINY = ["data.train_size=48", "data.val_size=8", "data.test_size=8", "train.epochs=1",
+        "train.batch_size=16", "train.progress=false", "bench.iters=3", "bench.warmup=1"]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    from taskfold.cli.main import main
+
+    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    args = ["train", "-o", str(run_dir), "--quiet"]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(demo_run: Path) -> Path:
+    from taskfold.cli.main import main
+
+    assert main(["compile", str(demo_run)]) == 0
+    return demo_run / "bundle"

@@ -1,0 +1,130 @@
+"""The command line end to end, and its promise for user mistakes: one line on stderr, exit 2."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from taskfold.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The installed console entry point in a fresh process (what a user types)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "taskfold.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=600)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # one line, no traceback
+    assert fragment in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_demo_bundle_matches_pytorch_and_has_no_batchnorm(demo_bundle: Path):
+    manifest = json.loads((demo_bundle / "manifest.json").read_text())
+    assert manifest["format"] == "taskfold.bundle/1"
+    assert manifest["compile"]["onnx_parity_max_abs"] <= 1e-4
+    graph = onnx.load(str(demo_bundle / "model.onnx")).graph
+    assert not [n for n in graph.node if n.op_type == "BatchNormalization"]
+    assert [o.name for o in graph.output] == [t["output"] for t in manifest["tasks"]]
+    assert graph.input[0].name == "image"
+
+
+def test_runtime_outputs_match_pytorch_on_fresh_inputs(demo_run: Path, demo_bundle: Path):
+    """An independent check of the compiler's own parity claim, on inputs it never saw."""
+    import torch
+
+    from taskfold.compiler.compile_run import load_trained
+    from taskfold.runtime import load
+    from taskfold.trainer.rundir import RunDir
+
+    _, _, model = load_trained(RunDir(demo_run))
+    images = np.random.default_rng(1).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = {k: v.numpy() for k, v in model(torch.from_numpy(images)).items()}
+    got = load(demo_bundle)(images)
+    assert set(got) == set(expected)
+    for task in expected:
+        assert np.abs(got[task] - expected[task]).max() <= 1e-4, task
+
+
+def test_flops_json_matches_manifest(demo_bundle: Path, capsys):
+    assert main(["flops", str(demo_bundle), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    manifest = json.loads((demo_bundle / "manifest.json").read_text())
+    assert result["macs"] == manifest["cost"]["macs"] and result["params"] == manifest["cost"]["params"]
+
+
+def test_bench_json(demo_bundle: Path, capsys):
+    assert main(["bench", str(demo_bundle), "--batch", "1,2", "--iters", "3", "--warmup", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["p50_ms"] <= r["p99_ms"] and r["provider"] == "CPUExecutionProvider" for r in rows)
+
+
+def test_predict_writes_every_task(demo_bundle: Path, tmp_path: Path):
+    images = tmp_path / "x.npy"
+    np.save(images, np.zeros((2, 3, 64, 64), np.float32))
+    assert main(["predict", str(demo_bundle), str(images)]) == 0
+    out = np.load(tmp_path / "x.out.npz")
+    assert sorted(out.files) == ["depth", "normals", "seg"] and out["seg"].shape[0] == 2
+
+
+def test_unknown_config_field_exits_2(tmp_path: Path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("tasks: [{name: seg, kind: segmentation}]\nmodel: {backbon: resnet18}\n")
+    assert_user_error(run_cli("train", str(recipe), "-o", str(tmp_path / "r")), "unknown field 'model.backbon'")
+    assert not (tmp_path / "r").exists()  # nothing written for a config that cannot run
+
+
+def test_unknown_backbone_exits_2(tmp_path: Path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("tasks: [{name: seg, kind: segmentation}]\nmodel: {backbone: resnet19}\n")
+    assert_user_error(run_cli("train", str(recipe), "-o", str(tmp_path / "r")), "unknown backbone 'resnet19'")
+
+
+def test_missing_bundle_file_exits_2(demo_bundle: Path, tmp_path: Path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, copy)
+    (copy / "model.onnx").unlink()
+    assert_user_error(run_cli("bench", str(copy)), "model.onnx")
+
+
+def test_tampered_model_exits_2_and_is_left_alone(demo_bundle: Path, tmp_path: Path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    assert_user_error(run_cli("flops", str(copy)), "sha256")
+    assert (copy / "model.onnx").read_bytes() == bytes(data)  # nothing lost or rewritten
+
+
+def test_wrong_input_shape_exits_2(demo_bundle: Path, tmp_path: Path):
+    images = tmp_path / "x.npy"
+    np.save(images, np.zeros((2, 3, 32, 32), np.float32))
+    assert_user_error(run_cli("predict", str(demo_bundle), str(images)), "64")
+
+
+def test_existing_run_directory_is_not_overwritten(demo_run: Path):
+    before = sorted(p.name for p in demo_run.iterdir())
+    proc = run_cli("train", "configs/demo.yaml", "-o", str(demo_run))
+    assert_user_error(proc, "already exists")
+    assert sorted(p.name for p in demo_run.iterdir()) == before
+
+
+@pytest.mark.parametrize("args", [["flops", "/nonexistent/model.onnx"], ["compile", "/nonexistent/run"]])
+def test_missing_paths_exit_2(args):
+    assert_user_error(run_cli(*args), "nonexistent")

@@ -1,0 +1,54 @@
+"""Config validation: every bad field is named, overrides reach nested fields and list items."""
+from __future__ import annotations
+
+import pytest
+
+from taskfold.trainer.config import ConfigError, config_from_dict, load_config
+
+BASE = {"tasks": [{"name": "seg", "kind": "segmentation"}, {"name": "depth", "kind": "depth"}]}
+
+
+def test_defaults_and_shorthand_method():
+    cfg = config_from_dict({**BASE, "method": "shared"})
+    assert cfg.method == {"name": "shared"} and cfg.train.epochs == 5 and cfg.task_names == ["seg", "depth"]
+
+
+def test_every_problem_is_listed_with_its_path():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**BASE, "modle": {}, "train": {"epochs": "three", "lr": 0.1}, "data": {"sise": 3}})
+    msg = str(err.value)
+    assert "unknown field 'modle' (did you mean 'model'?)" in msg
+    assert "train.epochs: expected an integer, got 'three'" in msg
+    assert "unknown field 'data.sise' (did you mean 'size'?)" in msg
+    assert "\n" not in msg
+
+
+def test_overrides_nested_and_list_items():
+    cfg = config_from_dict(BASE, ["train.epochs=3", "tasks.1.weight=2.5", "method.num_groups=4", "primary=seg"])
+    assert cfg.train.epochs == 3 and cfg.tasks[1].weight == 2.5
+    assert cfg.method == {"name": "shared", "num_groups": 4} and cfg.primary == "seg"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.epochs", "expected KEY=VALUE"),
+    ("tasks.7.weight=1", "is not an index"),
+    ("train.lr=-1", "train.lr: must be > 0"),
+    ("primary=normals", "primary: 'normals' is not one of the tasks"),
+])
+def test_bad_overrides(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        config_from_dict(BASE, [override])
+
+
+def test_task_named_twice():
+    with pytest.raises(ConfigError, match="task 'seg' is named twice"):
+        config_from_dict({"tasks": [{"name": "seg", "kind": "segmentation"}, {"name": "seg", "kind": "depth"}]})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,135 @@
+"""Task heads: output shapes on CNN and ViT features, foldable Conv/BN pairs, ONNX export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from taskfold.models.backbones import Backbone, create_backbone
+from taskfold.models.errors import ModelError
+from taskfold.models.layers.heads import HEADS, create_head, default_head
+from taskfold.models.registry import UnknownNameError
+
+torch.set_num_threads(1)
+
+IMG = 64
+_CACHE: dict[str, Backbone] = {}
+
+
+def _backbone(name: str) -> Backbone:
+    if name not in _CACHE:
+        torch.manual_seed(0)
+        _CACHE[name] = create_backbone(name, img_size=IMG).eval()
+    return _CACHE[name]
+
+
+def _features(name: str, batch: int = 2) -> list[torch.Tensor]:
+    x = torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return _backbone(name).forward_features(x)
+
+
+@pytest.mark.parametrize("backbone", ["resnet10", "resnet18", "vit_tiny_patch16_224"])
+@pytest.mark.parametrize("kind", HEADS.names())
+def test_head_output_shapes_and_gradients(kind: str, backbone: str) -> None:
+    info = _backbone(backbone).feature_info
+    head = create_head(kind, info, 5, channels=16, output_size=(IMG, 48))
+    features = [f.requires_grad_() for f in _features(backbone)]
+    out = head(features)
+    expected = (2, 5) if kind == "linear" else (2, 5, IMG, 48)
+    assert out.shape == expected
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    assert features[-1].grad is not None and features[-1].grad.abs().sum() > 0
+
+
+def test_dpt_reassembles_vit_features_into_a_pyramid() -> None:
+    head = create_head("dpt", _backbone("vit_tiny_patch16_224").feature_info, 3, channels=8)
+    assert head.indices == [2, 5, 8, 11]  # blocks 3, 6, 9, 12 as in DPT
+    levels = [
+        resample(project(f))
+        for f, project, resample in zip(
+            [_features("vit_tiny_patch16_224")[i] for i in head.indices], head.project, head.resample
+        )
+    ]
+    assert [level.shape[-1] for level in levels] == [IMG // 4, IMG // 8, IMG // 16, IMG // 32]
+
+
+def test_every_batchnorm_follows_a_bias_free_conv_or_linear() -> None:
+    """The compiler folds BN into the preceding layer: each BN must have a clean, single producer."""
+    info = _backbone("resnet10").feature_info
+    heads = [create_head(kind, info, 4) for kind in HEADS.names()] + [create_head("linear", info, 4, hidden=32)]
+    pairs = 0
+    for head in heads:
+        for seq in head.modules():
+            if not isinstance(seq, nn.Sequential):
+                continue
+            layers = list(seq)
+            for prev, layer in zip(layers, layers[1:]):
+                if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    assert isinstance(prev, (nn.Conv2d, nn.Linear)) and prev.bias is None
+                    pairs += 1
+    total = sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for h in heads for m in h.modules())
+    assert pairs == total > 0
+
+
+def test_aspp_in_eval_is_per_sample_even_for_a_batch_of_one() -> None:
+    """The image-pooling branch normalises a 1x1 map: in eval each image's output is its own."""
+    info = _backbone("resnet18").feature_info
+    head = create_head("aspp", info, 2, channels=8)
+    head(_features("resnet18", batch=4))  # one training step's worth of running statistics
+    head.eval()
+    features = _features("resnet18", batch=2)
+    with torch.no_grad():
+        both = head(features)
+        first = head([f[:1] for f in features])
+    torch.testing.assert_close(first, both[:1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(both[0], both[1])
+
+
+def test_head_options_and_defaults() -> None:
+    info = _backbone("resnet10").feature_info
+    aspp = create_head("aspp", info, 3, rates=(1, 3))
+    assert len(aspp.branches) == 3 and aspp.branches[2][0].dilation == (3, 3)
+    with pytest.raises(ModelError, match="unknown option 'depth'.*rates"):
+        create_head("aspp", info, 3, depth=2)
+    with pytest.raises(UnknownNameError, match="aspp"):
+        create_head("apsp", info, 3)
+    with pytest.raises(ModelError, match="at least 4"):
+        create_head("dpt", info[:3], 3)
+    assert default_head("vit_base_patch16_224", "dense") == "dpt"
+    assert default_head("resnet50", "dense") == "aspp"
+    assert default_head("vit_tiny_patch16_224", "global") == "linear"
+    with pytest.raises(ModelError, match="'pixel'"):
+        default_head("resnet18", "pixel")
+
+
+class _Net(nn.Module):
+    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_features(x))
+
+
+@pytest.mark.parametrize(("backbone", "kind"), [("resnet10", "aspp"), ("vit_tiny_patch16_224", "dpt")])
+def test_onnx_export_matches_torch(backbone: str, kind: str, tmp_path: Path) -> None:
+    model = _backbone(backbone)
+    net = _Net(model, create_head(kind, model.feature_info, 3, channels=16, output_size=(IMG, IMG))).eval()
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(2))
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(
+        net, (x,), str(path), input_names=["image"], output_names=["out"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 2):
+        (got,) = session.run(None, {"image": x[:batch].numpy()})
+        with torch.no_grad():
+            want = net(x[:batch]).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,184 @@
+"""Runtime: a two-task bundle exported from torch, loaded and checked against torch and raw ORT."""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from taskfold.runtime import (
+    BackendUnavailable, BundleError, InputError, benchmark, count_onnx, load, verify_bundle, write_manifest,
+)
+from taskfold.runtime.cuda import cuda_unavailable_reason
+
+torch = pytest.importorskip("torch")
+SIZE = 16
+
+
+class TwoTasks(torch.nn.Module):
+    """A trunk with a dense head and a global head: the shape of every taskfold bundle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.seg = torch.nn.Conv2d(8, 5, 1)
+        self.scene = torch.nn.Linear(8, 4)
+
+    def forward(self, image: Any) -> tuple[Any, Any]:
+        features = self.trunk(image)
+        return self.seg(features), self.scene(features.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TwoTasks]:
+    """A bundle folder (model.onnx + manifest.json written by write_manifest) and its torch model."""
+    torch.manual_seed(0)
+    model = TwoTasks().eval()
+    folder = tmp_path_factory.mktemp("bundle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.zeros(1, 3, SIZE, SIZE),), str(folder / "model.onnx"), dynamo=False,
+            input_names=["image"], output_names=["seg_logits", "scene_logits"],
+            dynamic_axes={"image": {0: "N"}, "seg_logits": {0: "N"}, "scene_logits": {0: "N"}},
+        )
+    cost = count_onnx(folder / "model.onnx")
+    write_manifest(folder, {
+        "name": "two-tasks",
+        "method": "test",
+        "input": {"name": "image", "shape": [-1, 3, SIZE, SIZE], "dtype": "float32", "layout": "NCHW",
+                  "mean": [0.5] * 3, "std": [0.25] * 3},
+        "tasks": [
+            {"name": "seg", "kind": "segmentation", "output": "seg_logits", "shape": [-1, 5, SIZE, SIZE],
+             "classes": 5},
+            {"name": "scene", "kind": "classification", "output": "scene_logits", "shape": [-1, 4], "classes": 4},
+        ],
+        "cost": {"macs": cost.macs, "params": cost.params,
+                 "per_task_macs": {"seg": cost.per_output_macs["seg_logits"],
+                                   "scene": cost.per_output_macs["scene_logits"]}},
+        "files": ["model.onnx"],
+    })
+    return folder, model
+
+
+@pytest.fixture
+def bundle_copy(built: tuple[Path, TwoTasks], tmp_path: Path) -> Path:
+    """A private copy a test may damage."""
+    return Path(shutil.copytree(built[0], tmp_path / "bundle"))
+
+
+def _images(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def test_outputs_match_torch_and_a_raw_session(built: tuple[Path, TwoTasks]) -> None:
+    folder, model = built
+    predictor = load(folder, threads=1)
+    images = _images(3)
+    out = predictor(images)
+    assert list(out) == ["seg", "scene"]
+    with torch.no_grad():
+        seg, scene = (t.numpy() for t in model(torch.from_numpy(images)))
+    np.testing.assert_allclose(out["seg"], seg, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["scene"], scene, rtol=1e-5, atol=1e-5)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    raw_seg, raw_scene = session.run(["seg_logits", "scene_logits"], {"image": images})
+    np.testing.assert_allclose(out["seg"], raw_seg, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out["scene"], raw_scene, rtol=1e-6, atol=1e-6)
+
+
+def test_manifest_fields_are_exposed(built: tuple[Path, TwoTasks]) -> None:
+    folder, model = built
+    predictor = load(folder, threads=2)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert predictor.manifest == manifest == verify_bundle(folder)
+    assert [t["name"] for t in predictor.tasks] == ["seg", "scene"]
+    assert predictor.input_spec["shape"] == [-1, 3, SIZE, SIZE]
+    assert predictor.provider == "CPUExecutionProvider" and predictor.threads == 2
+    assert predictor.cost["params"] == sum(p.numel() for p in model.parameters())
+    seg_macs = SIZE * SIZE * 8 * 3 * 9 + SIZE * SIZE * 5 * 8  # trunk conv + 1x1 seg conv
+    assert predictor.cost["per_task_macs"] == {"seg": seg_macs, "scene": SIZE * SIZE * 8 * 3 * 9 + 8 * 4}
+    assert set(manifest["files"]) == {"model.onnx"} and manifest["files"]["model.onnx"].startswith("sha256:")
+
+
+def test_tampered_model_is_refused(bundle_copy: Path) -> None:
+    data = bytearray((bundle_copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle_copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model.onnx does not match its sha256 in manifest.json \(tampered"):
+        load(bundle_copy)
+
+
+def test_missing_model_is_refused(bundle_copy: Path) -> None:
+    (bundle_copy / "model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"bundle .*: model.onnx is missing$"):
+        load(bundle_copy)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: shutil.rmtree(d), "no such folder"),
+    (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
+    (lambda d: (d / "manifest.json").write_text("{not json"), "not readable JSON"),
+    (lambda d: (d / "manifest.json").write_text(json.dumps({"format": "other/9"})), "unknown format 'other/9'"),
+    (lambda d: _edit_manifest(d, files={"../model.onnx": "sha256:00"}), "is not inside the bundle"),
+])
+def test_broken_bundles_give_one_clear_line(bundle_copy: Path, damage: Any, message: str) -> None:
+    damage(bundle_copy)
+    with pytest.raises(BundleError, match=message) as caught:
+        load(bundle_copy)
+    assert "\n" not in str(caught.value)
+
+
+def _edit_manifest(folder: Path, **changes: Any) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+
+
+@pytest.mark.parametrize(("images", "message"), [
+    ([[0.0]], r"expected a numpy array of shape \(N,3,16,16\), got list"),
+    (np.zeros((3, SIZE, SIZE), np.float32), r"expected a 4-D NCHW batch \(N,3,16,16\), got shape \(3,16,16\)"),
+    (np.zeros((2, 1, SIZE, SIZE), np.float32), r"expected 3 channels .* got 1 in shape \(2,1,16,16\)"),
+    (np.zeros((2, 3, 8, 8), np.float32), r"expected spatial size 16x16 .* got 8x8"),
+    (np.zeros((2, 3, SIZE, SIZE)), r"expected dtype float32, got float64; convert with images.astype\(np.float32\)"),
+    (np.zeros((0, 3, SIZE, SIZE), np.float32), r"expected a non-empty batch"),
+])
+def test_bad_inputs_are_refused(built: tuple[Path, TwoTasks], images: Any, message: str) -> None:
+    predictor = load(built[0], threads=1)
+    with pytest.raises(InputError, match=message):
+        predictor(images)
+
+
+def test_unknown_backend_lists_the_available_ones(built: tuple[Path, TwoTasks]) -> None:
+    with pytest.raises(BackendUnavailable, match="unknown backend 'onnx'; available: onnxruntime, tensorrt"):
+        load(built[0], backend="onnx")
+
+
+def test_tensorrt_without_cuda_says_why(built: tuple[Path, TwoTasks]) -> None:
+    if cuda_unavailable_reason() is None:
+        pytest.skip("a CUDA device is visible; this test covers machines without one")
+    with pytest.raises(BackendUnavailable, match="backend 'tensorrt' needs CUDA: no CUDA device is visible"):
+        load(built[0], backend="tensorrt")
+
+
+def test_unavailable_provider_is_not_replaced_by_the_cpu(built: tuple[Path, TwoTasks]) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers() and cuda_unavailable_reason() is None:
+        pytest.skip("CUDA provider and device present; nothing to refuse")
+    with pytest.raises(BackendUnavailable, match="CUDAExecutionProvider"):
+        load(built[0], providers=["CUDAExecutionProvider"])
+
+
+def test_benchmark_rows(built: tuple[Path, TwoTasks]) -> None:
+    predictor = load(built[0], threads=1)
+    rows = benchmark(predictor, (1, 4), warmup=1, iters=8)
+    assert [row["batch"] for row in rows] == [1, 4]
+    for row in rows:
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["throughput_ips"] == pytest.approx(row["batch"] * 1e3 / row["mean_ms"])
+        assert (row["provider"], row["threads"]) == ("CPUExecutionProvider", 1)
+    with pytest.raises(ValueError, match="batch sizes must be >= 1"):
+        benchmark(predictor, (0,))
