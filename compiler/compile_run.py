@@ -11,7 +11,7 @@ import torch
 from taskfold.compiler.bundle import write_bundle
 from taskfold.compiler.errors import CompileError
 from taskfold.compiler.strip import STRIPPERS
-from taskfold.compiler import strip_aux, strip_group  # noqa: F401  (register the method strippers)
+from taskfold.compiler import strip_aux, strip_branch, strip_group  # noqa: F401  (register the method strippers)
 from taskfold.models.nets import build_network
 from taskfold.trainer.config import Config
 from taskfold.trainer.data import create_dataset

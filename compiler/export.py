@@ -1,18 +1,14 @@
 """Export a PyTorch model to a checked, single-file ONNX graph with the bundle's I/O names.
 
-Exporter choice (torch 2.14): the TorchScript-based exporter (``dynamo=False`` with
-``dynamic_axes``). Both exporters handle what taskfold produces -- timm ResNet, MobileNetV2 and
-ViT backbones, bilinear ``F.interpolate`` to a fixed size, dict outputs -- with the same ONNX
-Runtime parity (~1e-7 to 1e-5), but the TorchScript exporter is 6-30x faster on CPU (resnet18
-at 64 px: 0.6 s vs 3.7 s; mobilenetv2_100: 0.3 s vs 8.4 s), which matters for tests and for
-``taskfold run`` on 2-core machines. It is deprecated upstream but present and maintained in
-torch 2.14; when it is removed, the switch is ``dynamo=True`` with ``dynamic_shapes`` in
-``_export``. Its known weakness -- a trace bakes Python-level values (e.g. a batch size read
-with ``int(x.shape[0])``) into constants -- is caught downstream: the bundle checks parity at
-two batch sizes.
+Exporter choice (torch 2.14): the dynamo-based exporter (``dynamo=True`` with
+``dynamic_shapes``). The TorchScript exporter is 6-30x faster on CPU, but its trace freezes the
+batch size inside timm's ViT attention (``reshape(B, N, 3, heads, dim)``), so a ViT graph
+exported at batch 1 fails at batch 3; the dynamo exporter keeps the batch symbolic for every
+backbone. The example batch is 2, because torch.export specialises a size-1 dimension to a
+constant. Export takes 2-8 s for the models taskfold trains.
 
-The TorchScript exporter saves weights as external data only when the graph exceeds 2 GB,
-which is the bundle contract ("single file unless > 2 GB").
+Weights are stored inside the .onnx file unless they exceed 2 GB (protobuf's limit), which is
+the bundle contract ("single file unless > 2 GB").
 """
 from __future__ import annotations
 
@@ -116,30 +112,25 @@ def _export(
     module: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...],
     output_names: list[str], opset: int,
 ) -> None:
-    """The exporter call itself, with its warnings collected instead of printed.
-
-    The exporter's deprecation notice and the like go to DEBUG; TracerWarnings say a value was
-    frozen into the trace, so they are summarised once at INFO (parity at two batch sizes guards
-    against a frozen batch size).
-    """
-    axes = {name: {0: "batch"} for name in [INPUT_NAME, *output_names]}
+    """The exporter call itself, with its warnings collected instead of printed (to DEBUG)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.onnx.export(
-            module, (_example_input(module, input_shape),), os.fspath(path),
-            dynamo=False, input_names=[INPUT_NAME], output_names=output_names,
-            dynamic_axes=axes, opset_version=opset,
+            # batch 2: the dynamo exporter specialises a size-1 dimension to a constant
+            module, (_example_input(module, (max(2, input_shape[0]), *input_shape[1:])),), os.fspath(path),
+            dynamo=True, input_names=[INPUT_NAME], output_names=output_names,
+            dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
+            external_data=_weight_bytes(module) > _PROTOBUF_LIMIT, verbose=False,
         )
-    traced: set[str] = set()
     for w in caught:
-        text = (str(w.message).strip().splitlines() or [""])[0]
-        if issubclass(w.category, torch.jit.TracerWarning):
-            traced.add(text)
-        else:
-            log.debug("exporter %s: %s", w.category.__name__, text)
-    if traced:
-        log.info("ONNX trace froze %d Python value(s) into constants, e.g.: %s",
-                 len(traced), sorted(traced)[0])
+        log.debug("exporter %s: %s", w.category.__name__, (str(w.message).strip().splitlines() or [""])[0])
+
+
+_PROTOBUF_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # leave room for the graph itself
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def _example_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:

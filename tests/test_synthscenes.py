@@ -93,6 +93,20 @@ def test_turning_the_camera_right_moves_objects_left_in_the_image():
     assert columns[turned.any(axis=0)].mean() < 15.5 - 0.5 * focal(32) * math.tan(math.radians(15.0))
 
 
+def test_shading_is_albedo_times_texture_times_lambert_plus_ambient():
+    # Light from straight above (see one_scene): the floor gets full light, the walls only the
+    # ambient share 0.3. Texture darkens by up to 25%, odd floor tiles by another 20%.
+    out = render(one_scene(), 32, 32, image_noise=0.0)
+    image, seg = out["image"][0].astype(float) / 255.0, out["segmentation"][0]
+    wall, floor = image[seg == WALL], image[seg == FLOOR]
+    lit_wall = 0.6 * 0.3
+    assert wall.min() >= lit_wall * 0.75 - 1 / 255 and wall.max() <= lit_wall + 1 / 255
+    assert floor.min() >= 0.5 * 0.75 * 0.8 - 1 / 255 and floor.max() <= 0.5 + 1 / 255
+    assert wall.std() > 0.005 and floor.std() > 0.01  # the texture noise is there
+    noisy = render(one_scene(), 32, 32, image_noise=0.05)["image"][0].astype(float) / 255.0
+    assert (noisy - image).std() == pytest.approx(0.05, rel=0.1)
+
+
 def _brute_force_first_hit(scene: Scenes, size: int, step: float) -> tuple[np.ndarray, np.ndarray]:
     """March every ray in steps of ``step``; return the first sample inside something and its class."""
     dirs = camera_rays(size, size) @ camera_to_world(scene.pitch, scene.yaw)[0].T
@@ -164,17 +178,40 @@ def test_edges_cover_every_class_boundary_and_skip_flat_interiors(small_split):
     assert interior.sum() > 1000 and not np.any(edges[:, 1:-1, 1:-1][interior])
 
 
-def test_occlusion_between_two_objects_of_one_class_is_an_edge():
-    # A small sphere in front of a big one: same class on both sides, but a depth jump.
-    scene = one_scene([(SPHERE, 0.0, 6.0, (1.2,) * 3, 0.0), (SPHERE, 0.0, 2.5, (0.3,) * 3, 0.0)],
-                      camera_height=0.6, depth=9.0)
+def test_occlusion_with_same_class_and_same_normal_is_an_edge_by_depth_alone():
+    # A small box in front of a big one, both seen face-on: class and normal agree across the
+    # outline of the small box, only the depth jumps (2.7 vs 5.7).
+    scene = one_scene([(BOX, 0.0, 6.0, (1.5, 1.5, 0.3), 0.0), (BOX, 0.0, 3.0, (0.3, 0.3, 0.3), 0.0)],
+                      camera_height=0.45)
     out = render(scene, 32, 32)
-    front = out["instance"][0] == 5
-    rows, cols = np.nonzero(front)
-    right = (rows, cols.max() + 1)  # first pixel right of the small sphere, on the big one
-    assert out["segmentation"][0][right] == SPHERE and out["instance"][0][right] == 4
-    assert out["edges"][0][right] == 1 and out["edges"][0][rows[0], cols.max()] == 1
-    assert out["edges"][0][rows[0], cols.max() + 4] == 0  # further right: the big sphere's smooth face
+    instance, edges = out["instance"][0], out["edges"][0]  # surface ids: 4 + object slot
+    contacts = 0
+    for first, second in (((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+                          ((slice(None, -1), slice(None)), (slice(1, None), slice(None)))):
+        a, b = instance[first], instance[second]
+        meet = ((a == 4) & (b == 5)) | ((a == 5) & (b == 4))
+        contacts += meet.sum()
+        normals_first, normals_second = out["normals"][0][first][meet], out["normals"][0][second][meet]
+        np.testing.assert_allclose(normals_first, normals_second, atol=1e-6)
+        assert np.all(edges[first][meet]) and np.all(edges[second][meet])
+    assert contacts >= 8
+    assert np.any(edges[instance == 4] == 0)  # the big box's face is not all edge
+
+
+def test_wall_corner_is_an_edge_by_normal_alone_and_a_flush_seam_is_none():
+    # Two boxes side by side with coplanar front faces: across the seam nothing changes but
+    # the surface id, which by itself is not an edge.
+    scene = one_scene([(BOX, -0.5, 4.0, (0.5, 1.0, 0.3), 0.0), (BOX, 0.5, 4.0, (0.5, 1.0, 0.3), 0.0)],
+                      camera_height=1.0)
+    out = render(scene, 32, 32)
+    instance, edges, row = out["instance"][0], out["edges"][0], 16
+    seam = np.flatnonzero((instance[row, :-1] == 4) & (instance[row, 1:] == 5))
+    assert len(seam) == 1 and edges[row, seam[0]] == 0 and edges[row, seam[0] + 1] == 0
+    # The back wall meets the right wall at the same depth and class: the normals turn 90 degrees.
+    row = 3  # above the boxes
+    corner = np.flatnonzero((instance[row, :-1] == 1) & (instance[row, 1:] == 3))
+    assert len(corner) == 1 and edges[row, corner[0]] == 1 and edges[row, corner[0] + 1] == 1
+    assert not edges[row, corner[0] - 3:corner[0] - 1].any() and not edges[row, corner[0] + 2:].any()
 
 
 def test_scene_class_is_the_primitive_with_most_pixels_and_classes_are_balanced():

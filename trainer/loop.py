@@ -71,6 +71,9 @@ def build_spec(cfg: Config, tasks: list) -> ArchSpec:
 
 def _make_optimizer(cfg: Config, params: list[dict]) -> torch.optim.Optimizer:
     t = cfg.train
+    for group in params:  # a method may scale train.lr per group (BMTAS divides shared blocks' lr)
+        if "lr_scale" in group:
+            group["lr"] = t.lr * group.pop("lr_scale")
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "adam":
@@ -95,6 +98,8 @@ def setup(cfg: Config, run_dir: str | Path) -> RunState:
     if weighting.parameters():
         groups.append({"params": list(weighting.parameters())})
     optimizer = _make_optimizer(cfg, groups)
+    if hasattr(method, "attach_optimizer"):  # optional: methods that reset its state (BMTAS)
+        method.attach_optimizer(optimizer)
     run = RunDir(run_dir)
     run.create(cfg)
     spec.save(run.arch_path)

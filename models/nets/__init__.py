@@ -2,6 +2,6 @@
 from __future__ import annotations
 
 from taskfold.models.nets.registry import NETWORKS, build_network
-from taskfold.models.nets import aux, group, shared  # noqa: F401  (registers the networks)
+from taskfold.models.nets import aux, branch, branched, group, shared  # noqa: F401  (registers the networks)
 
 __all__ = ["NETWORKS", "build_network"]

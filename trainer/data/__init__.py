@@ -5,3 +5,4 @@ from taskfold.trainer.data.base import DATASETS, DatasetInfo, create_dataset
 from taskfold.trainer.data import synthscenes  # noqa: F401  (registers "synthscenes")
 
 __all__ = ["DATASETS", "DatasetInfo", "create_dataset"]
+from taskfold.trainer.data import composites as _composites  # noqa: E402,F401  (registers "composites")

@@ -72,7 +72,7 @@ class Scenes:
 def camera_to_world(pitch: np.ndarray, yaw: np.ndarray) -> np.ndarray:
     """Rotations ``(B, 3, 3)`` taking camera-frame vectors (y down) to the world frame (y up)."""
     cp, sp, cy, sy = np.cos(pitch), np.sin(pitch), np.cos(yaw), np.sin(yaw)
-    zero, one = np.zeros_like(pitch), np.ones_like(pitch)
+    zero = np.zeros_like(pitch)
     # Ry(yaw) @ Rx(pitch) @ diag(1, -1, 1), multiplied out.
     rows = [
         [cy, -sy * sp, sy * cp],
@@ -113,6 +113,7 @@ class _NearestHit:
 
 
 def _valid(t: np.ndarray, hit: np.ndarray) -> np.ndarray:
+    """Ray parameters of real hits in front of the camera; everything else becomes a miss (inf)."""
     return np.where(hit & (t > _MIN_T), t, np.inf)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from taskfold.trainer.config import build_options
 from taskfold.trainer.methods.base import METHODS, Method, Progress
-from taskfold.trainer.methods import aux, dmtg, plain  # noqa: F401  (registers the methods)
+from taskfold.trainer.methods import aux, bmtas, dmtg, plain  # noqa: F401  (registers the methods)
 
 
 def create_method(spec: dict) -> Method:

@@ -5,7 +5,10 @@ checkpoints. A method owns only what makes it that method:
 
 - ``build``: the network to train, from the ArchSpec;
 - ``param_groups``: what the loop's weight optimiser updates (method-owned architecture
-  parameters such as Aux-NAS's alpha are left out; per-group learning rates allowed);
+  parameters such as Aux-NAS's alpha are left out; per-group learning rates allowed, as an
+  absolute ``lr`` or as ``lr_scale`` times ``train.lr``);
+- optional ``attach_optimizer(optimizer)``: called once with the weight optimiser, for a method
+  whose schedule resets its state (BMTAS, after every architecture change);
 - ``arch_fraction``: the share of each epoch's training data reserved for architecture steps
   (0 = one-shot or nothing to search);
 - ``start_epoch``: schedules (temperature, L1 weight), returning values to log;

@@ -1,0 +1,100 @@
+"""BranchedNet (BMTAS retrain and inference): a branching tree that runs each node once.
+
+Built from a tree (see :mod:`taskfold.models.nets.tree`) in ``spec.options["tree"]``: the stem,
+then for every layer one copy of the backbone block per group, fed by its parent group's output,
+and one head per task reading the outputs of the nodes on its path. A block shared by k tasks is
+computed once for all of them, then split; so the graph's MAdds are
+``stem + sum_l c_l * (groups at l) + heads``. One graph, one output per task: what the compiler
+exports as is.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from taskfold.models.arch import ArchSpec
+from taskfold.models.backbones import create_backbone
+from taskfold.models.errors import ModelError
+from taskfold.models.nets.registry import NETWORKS
+from taskfold.models.nets.shared import build_heads
+from taskfold.models.nets.tree import Tree, check_tree, parent_index
+
+
+def node_key(layer: int, group: int) -> str:
+    return f"l{layer}_g{group}"
+
+
+class BranchedNet(nn.Module):
+    def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
+        super().__init__()
+        backbone = create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights,
+                                   **spec.backbone_options)
+        self.task_names = spec.task_names
+        self.tree: Tree = check_tree(spec.options.get("tree"), self.task_names, len(backbone.blocks))
+        self.stem = backbone.stem
+        self.nodes = nn.ModuleDict({
+            node_key(layer, g): copy.deepcopy(backbone.blocks[layer])
+            for layer, grouping in enumerate(self.tree) for g in range(len(grouping))
+        })
+        self.heads = build_heads(spec, backbone.feature_info, spec.tasks)
+        self.shared_features: list[Tensor] = []
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The stem and every node that all tasks share (what gradient weighting strategies see)."""
+        params = list(self.stem.parameters())
+        for layer, grouping in enumerate(self.tree):
+            if len(grouping) == 1:
+                params += list(self.nodes[node_key(layer, 0)].parameters())
+        return params
+
+    def node_groups(self) -> dict[str, list[str]]:
+        """Each node's tasks, by node key."""
+        return {node_key(layer, g): group for layer, grouping in enumerate(self.tree)
+                for g, group in enumerate(grouping)}
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        x = self.stem(image)
+        self.shared_features = [x]
+        previous: list[Tensor] = []
+        features: dict[str, list[Tensor]] = {name: [] for name in self.task_names}
+        for layer, grouping in enumerate(self.tree):
+            current = []
+            for g, group in enumerate(grouping):
+                parent = parent_index(self.tree, layer, g)
+                out = self.nodes[node_key(layer, g)](x if parent is None else previous[parent])
+                current.append(out)
+                for name in group:
+                    features[name].append(out)
+            if len(grouping) == 1:
+                self.shared_features.append(current[0])
+            previous = current
+        return {name: head(features[name]) for name, head in self.heads.items()}
+
+    def load_supergraph(self, state: dict[str, Tensor], routing: dict[str, list[int]]) -> int:
+        """Initialise from BranchNet weights: node (l, g) takes copy ``routing[task][l]`` of its tasks.
+
+        The supergraph's output BatchNorms have no affine parameters; the nodes keep their
+        initial scale 1 and shift 0 there, which is the same function. Returns tensors copied.
+        """
+        mapped = {k: v for k, v in state.items() if k.startswith(("stem.", "heads."))}
+        for layer, grouping in enumerate(self.tree):
+            for g, group in enumerate(grouping):
+                copy_index = routing[group[0]][layer]
+                prefix = f"candidates.{layer}.{copy_index}."
+                for key, value in state.items():
+                    if key.startswith(prefix):
+                        mapped[f"nodes.{node_key(layer, g)}.{key[len(prefix):]}"] = value
+        own = self.state_dict()
+        unexpected = sorted(set(mapped) - set(own))
+        if unexpected:
+            raise ModelError(f"supergraph weights do not fit this tree (e.g. {unexpected[0]})")
+        with torch.no_grad():
+            for key, value in mapped.items():
+                own[key].copy_(value)
+        return len(mapped)
+
+
+NETWORKS.register("bmtas_retrain")(
+    lambda spec, *, backbone_weights=None: BranchedNet(spec, backbone_weights=backbone_weights))
