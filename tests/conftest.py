@@ -16,10 +16,10 @@ TINY = ["data.train_size=48", "data.val_size=8", "data.test_size=8", "train.epoc
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
-    from taskfold.cli.main import main
+    from taskfold.cli.main import demo_recipe, main
 
     run_dir = tmp_path_factory.mktemp("runs") / "demo"
-    args = ["train", "-o", str(run_dir), "--quiet"]
+    args = ["train", str(demo_recipe()), "-o", str(run_dir), "--quiet"]
     for item in TINY:
         args += ["--set", item]
     assert main(args) == 0

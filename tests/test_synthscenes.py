@@ -174,7 +174,8 @@ def test_edges_cover_every_class_boundary_and_skip_flat_interiors(small_split):
     assert np.all(edges[:, 1:, :][down]) and np.all(edges[:, :-1, :][down])
     # A pixel whose four neighbours all lie on the floor with it is no edge: the floor is one plane.
     floor = seg == FLOOR
-    interior = floor[:, 1:-1, 1:-1] & floor[:, :-2, 1:-1] & floor[:, 2:, 1:-1] & floor[:, 1:-1, :-2] & floor[:, 1:-1, 2:]
+    interior = (floor[:, 1:-1, 1:-1] & floor[:, :-2, 1:-1] & floor[:, 2:, 1:-1]
+                & floor[:, 1:-1, :-2] & floor[:, 1:-1, 2:])
     assert interior.sum() > 1000 and not np.any(edges[:, 1:-1, 1:-1][interior])
 
 

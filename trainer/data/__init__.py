@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from taskfold.trainer.data.base import DATASETS, DatasetInfo, create_dataset
-from taskfold.trainer.data import synthscenes  # noqa: F401  (registers "synthscenes")
+from taskfold.trainer.data import composites, synthscenes  # noqa: F401  (register the datasets)
 
 __all__ = ["DATASETS", "DatasetInfo", "create_dataset"]
-from taskfold.trainer.data import composites as _composites  # noqa: E402,F401  (registers "composites")

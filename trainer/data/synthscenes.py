@@ -69,7 +69,8 @@ def _sample_scene(rng: np.random.Generator, scenes: Scenes, row: int, num_object
     scenes.room_half_width[row] = half_width = rng.uniform(2.5, 4.0)
     scenes.room_depth[row] = depth = rng.uniform(6.5, 9.0)
     elevation, azimuth = np.radians(rng.uniform(25.0, 75.0)), rng.uniform(0.0, 2 * np.pi)
-    scenes.light_dir[row] = [np.cos(elevation) * np.sin(azimuth), np.sin(elevation), -np.cos(elevation) * np.cos(azimuth)]
+    horizontal = np.cos(elevation)
+    scenes.light_dir[row] = [horizontal * np.sin(azimuth), np.sin(elevation), -horizontal * np.cos(azimuth)]
     scenes.ambient[row] = rng.uniform(0.3, 0.5)
     scenes.floor_color[row] = rng.uniform(0.25, 0.85, size=3)
     scenes.wall_color[row] = rng.uniform(0.3, 0.9, size=3)
