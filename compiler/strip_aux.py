@@ -24,7 +24,8 @@ def strip_aux(model: nn.Module, spec: ArchSpec, *, force: bool = False, referenc
         raise CompileError(f"the auxiliary-branch stripper needs a run of {', '.join(AUX_METHODS)}; "
                            f"this run was trained with method {spec.method!r}")
     threshold = float((options or {}).get("strip_threshold", 1e-2))
-    alpha_p = model.alpha_values("P")
+    with torch.no_grad():
+        alpha_p = model.alpha_values("P")
     max_alpha_p = float(alpha_p.max()) if alpha_p.numel() else 0.0
     if max_alpha_p > threshold and not force:
         raise CompileError(f"max alpha^P = {max_alpha_p:.3g} exceeds strip_threshold {threshold:g}: the primary "

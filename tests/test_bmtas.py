@@ -17,7 +17,7 @@ from taskfold.compiler.errors import CompileError
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.nets import build_network
 from taskfold.models.nets.branch import BranchNet
-from taskfold.models.nets.branched import BranchedNet, node_key
+from taskfold.models.nets.branched import node_key
 from taskfold.runtime import load
 from taskfold.runtime.flops import count_onnx
 from taskfold.trainer.config import ConfigError, config_from_dict
@@ -218,3 +218,13 @@ def test_retrain_divides_shared_learning_rates() -> None:
     assert scales[id(net.nodes["l3_g2"].conv1.weight)] == 1.0
     assert scales[id(next(net.heads.parameters()))] == 1.0
     assert len(scales) == len(list(net.parameters()))
+
+
+def test_report_draws_tree_and_tabulates_tradeoff(tmp_path: Path) -> None:
+    from taskfold.trainer.bmtas_report import TradeoffRow, plot_tradeoff, plot_tree, tradeoff_table
+
+    assert plot_tree(TREE, tmp_path / "tree.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [TradeoffRow("single", 73_500_000, 0.0), TradeoffRow("λ=0", 40_000_000, -1.234, [1, 2, 3, 4])]
+    assert plot_tradeoff(rows, tmp_path / "t.png").is_file()
+    assert tradeoff_table(rows).splitlines()[2:] == ["| single | 73.5 | +0.00 | — |",
+                                                     "| λ=0 | 40.0 | -1.23 | 1 2 3 4 |"]

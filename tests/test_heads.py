@@ -49,11 +49,11 @@ def test_head_output_shapes_and_gradients(kind: str, backbone: str) -> None:
 
 def test_dpt_reassembles_vit_features_into_a_pyramid() -> None:
     head = create_head("dpt", _backbone("vit_tiny_patch16_224").feature_info, 3, channels=8)
-    assert head.indices == [2, 5, 8, 11]  # blocks 3, 6, 9, 12 as in DPT
+    assert head.feature_indices == [2, 5, 8, 11]  # blocks 3, 6, 9, 12 as in DPT
     levels = [
         resample(project(f))
         for f, project, resample in zip(
-            [_features("vit_tiny_patch16_224")[i] for i in head.indices], head.project, head.resample
+            [_features("vit_tiny_patch16_224")[i] for i in head.feature_indices], head.project, head.resample
         )
     ]
     assert [level.shape[-1] for level in levels] == [IMG // 4, IMG // 8, IMG // 16, IMG // 32]

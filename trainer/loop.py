@@ -144,6 +144,7 @@ def _train_epoch(state: RunState, epoch: int, step: int, total_steps: int, gener
     arch_batches = list(batches(train, arch_idx, bs)) if len(arch_idx) else []
     n_weight = math.ceil(len(weight_idx) / bs)
     sums: dict[str, float] = {}
+    count = 0
     epoch_sums: dict[str, float] = {}
     arch_done = 0
     bar = tqdm(batches(train, weight_idx, bs), total=n_weight, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
@@ -173,13 +174,13 @@ def _train_epoch(state: RunState, epoch: int, step: int, total_steps: int, gener
             sums[name] = sums.get(name, 0.0) + value
             epoch_sums[name] = epoch_sums.get(name, 0.0) + value
         step += 1
+        count += 1
         if step % cfg.train.log_every == 0 or i == n_weight - 1:
-            count = step % cfg.train.log_every or cfg.train.log_every
             mean = {k: v / count for k, v in sums.items()}
             bar.set_postfix(loss=f"{sum(mean.values()):.3f}")
             state.run.log({"type": "train", "epoch": epoch, "step": step, "loss": sum(mean.values()),
                            "losses": mean, **_prefixed("weighting", weight_logs), **_prefixed("arch", arch_logs)})
-            sums = {}
+            sums, count = {}, 0
     state.weighting.end_epoch({k: v / n_weight for k, v in epoch_sums.items()})
     return step
 

@@ -36,6 +36,29 @@ def plot_training_curves(records: list[dict], path: Path) -> Path:
     return path
 
 
+def plot_series(records: list[dict], prefix: str, path: Path, title: str) -> Path | None:
+    """Every logged ``prefix/<name>`` value against step (task weights, sigmas, alphas); None if none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("type") == "train"]
+    keys = sorted({k for r in train for k in r if k.startswith(prefix + "/")})
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in train if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=key[len(prefix) + 1:])
+    ax.set(xlabel="step", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _metrics_table(test: dict[str, dict[str, float]], directions: dict[str, dict[str, bool]]) -> list[str]:
     lines = ["| task | metric | value |", "|---|---|---|"]
     for task, metrics in test.items():
@@ -73,7 +96,19 @@ def write_report(run: RunDir, *, summary: dict, manifest: dict | None = None,
                   *_cost_table(manifest, bench_rows or []), "",
                   f"ONNX vs PyTorch max abs difference: {compile_info.get('onnx_parity_max_abs', float('nan')):.2e}; "
                   f"BatchNorm layers folded: {compile_info.get('bn_folded', 0)}.", ""]
+        if compile_info.get("stripped"):
+            lines += ["Removed for inference: " + "; ".join(compile_info["stripped"]) + ".", ""]
+        for key, label in (("max_alpha_aux_to_primary", "largest alpha^P (auxiliary → primary)"),
+                           ("strip_drift_max_abs", "output drift, stripped vs full training network"),
+                           ("prune_drift_max_abs", "output drift, pruned vs full network")):
+            if key in compile_info:
+                lines.append(f"- {label}: {compile_info[key]:.3g}")
     lines += ["## Training curves", "", f"![training curves]({plot.name})", ""]
+    for prefix, title in (("weighting", "Loss weighting (learned weights, uncertainties)"),
+                          ("arch", "Architecture parameters")):
+        extra = plot_series(records, prefix, run.path / f"{prefix}.png", title)
+        if extra is not None:
+            lines += [f"## {title}", "", f"![{prefix}]({extra.name})", ""]
     for section in sections or []:
         lines += [section, ""]
     run.report_path.write_text("\n".join(lines))

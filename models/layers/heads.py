@@ -1,7 +1,8 @@
 """Task heads: features of a backbone -> a task's prediction at the input resolution.
 
 Every head takes the list of block outputs (``Backbone.forward_features``) and the backbone's
-``feature_info``, so it works on any registered backbone. Convolutions are always
+``feature_info``, so it works on any registered backbone; ``feature_indices`` says which block
+outputs it reads (the shared representation a gradient-weighting strategy differentiates). Convolutions are always
 ``Conv(bias=False) -> BatchNorm -> ReLU`` with the conv feeding only its BN: the compiler's
 BN-folding pass then finds clean Conv/BN pairs. Resizing uses bilinear interpolation
 (``align_corners=False``), a plain ONNX ``Resize``.
@@ -63,6 +64,7 @@ class ASPPHead(nn.Module):
     ) -> None:
         super().__init__()
         in_chs = feature_info[-1].num_chs
+        self.feature_indices = [len(feature_info) - 1]
         self.output_size = tuple(output_size)
         self.branches = nn.ModuleList(
             [conv_bn_relu(in_chs, channels, 1)] + [conv_bn_relu(in_chs, channels, 3, dilation=r) for r in rates]
@@ -110,8 +112,8 @@ class DPTHead(nn.Module):
         n = len(feature_info)
         if n < 4:
             raise ModelError(f"head 'dpt' needs at least 4 backbone blocks, got {n}")
-        self.indices = [(k + 1) * n // 4 - 1 for k in range(4)]
-        picked = [feature_info[i] for i in self.indices]
+        self.feature_indices = [(k + 1) * n // 4 - 1 for k in range(4)]
+        picked = [feature_info[i] for i in self.feature_indices]
         strides = [info.reduction for info in picked]
         if len(set(strides)) == 1:
             base = strides[0]
@@ -127,7 +129,7 @@ class DPTHead(nn.Module):
     def forward(self, features: list[Tensor]) -> Tensor:
         levels = [
             resample(project(features[i]))
-            for i, project, resample in zip(self.indices, self.project, self.resample)
+            for i, project, resample in zip(self.feature_indices, self.project, self.resample)
         ]
         x = levels[3]
         for level, fuse in zip(reversed(levels[:3]), self.fuse):
@@ -153,6 +155,7 @@ class LinearHead(nn.Module):
     ) -> None:
         super().__init__()
         in_chs = feature_info[-1].num_chs
+        self.feature_indices = [len(feature_info) - 1]
         if hidden > 0:
             self.mlp = nn.Sequential(
                 nn.Linear(in_chs, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)

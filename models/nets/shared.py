@@ -24,7 +24,7 @@ def build_heads(spec: ArchSpec, feature_info: list, tasks: list[TaskHead]) -> nn
 class SharedNet(nn.Module):
     """One backbone whose block features feed every task's head.
 
-    After a forward pass ``shared_features`` holds the backbone's block outputs (the shared
+    After a forward pass ``shared_features`` holds the block outputs the heads read (the shared
     representation a gradient-based weighting strategy differentiates against).
     """
 
@@ -34,6 +34,7 @@ class SharedNet(nn.Module):
         self.backbone = create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights,
                                         **spec.backbone_options)
         self.heads = build_heads(spec, self.backbone.feature_info, tasks or spec.tasks)
+        self.read_indices = sorted({i for head in self.heads.values() for i in head.feature_indices})
         self.shared_features: list[torch.Tensor] = []
 
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -41,7 +42,7 @@ class SharedNet(nn.Module):
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone.forward_features(image)
-        self.shared_features = features
+        self.shared_features = [features[i] for i in self.read_indices]
         return {name: head(features) for name, head in self.heads.items()}
 
 

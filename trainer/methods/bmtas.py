@@ -108,7 +108,7 @@ class BMTASSearch:
     def param_groups(self, model: BranchNet) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p is not model.alpha]}]
 
-    def _architecture_changed(self, model: BranchNet) -> None:
+    def _architecture_changed(self) -> None:
         if self.weight_optimizer is not None:
             self.weight_optimizer.state.clear()
         self.arch_changes += 1
@@ -120,7 +120,7 @@ class BMTASSearch:
         if model.warmup and fraction >= o.warmup_fraction:
             model.warmup = False
             reset_bn_stats(model)
-            self._architecture_changed(model)
+            self._architecture_changed()
         search = (fraction - o.warmup_fraction) / max(1e-12, 1.0 - o.warmup_fraction)
         model.tau = o.tau_start + (o.tau_end - o.tau_start) * min(1.0, max(0.0, search))
 
@@ -155,9 +155,9 @@ class BMTASSearch:
         routing = model.routing()
         if routing != self._routing:
             if self._routing is not None:
-                self._architecture_changed(model)
+                self._architecture_changed()
             self._routing = routing
-        return {"tau": model.tau, "expected_madds": float(resource), "arch_changes": float(self.arch_changes)}
+        return {"tau": model.tau, "expected_madds": float(resource.detach()), "arch_changes": float(self.arch_changes)}
 
     def read_off(self, model: BranchNet) -> dict:
         tree = model.derived_tree()

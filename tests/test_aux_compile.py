@@ -1,0 +1,112 @@
+"""The aux compiler: stripped Aux-NAS costs what the plain single-task model costs, refuses to
+strip while the primary still leans on auxiliary features, and records what it removed."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from taskfold.compiler.bundle import write_bundle
+from taskfold.compiler.errors import CompileError
+from taskfold.compiler.strip_aux import strip_aux
+from taskfold.models.arch import ArchSpec, TaskHead
+from taskfold.models.nets import build_network
+
+SEG, NORMALS, DEPTH = (TaskHead("seg", "segmentation", "dense", 5), TaskHead("normals", "normals", "dense", 3),
+                       TaskHead("depth", "depth", "dense", 1))
+SIZE = 32
+
+
+def spec(method: str, tasks, **options) -> ArchSpec:
+    return ArchSpec(method=method, backbone="resnet10", image_size=SIZE, tasks=tasks, head_channels=8,
+                    primary=["seg"], options=options)
+
+
+def bundle_of(model, tmp: Path, name: str, outputs: list[str]) -> dict:
+    tasks = [{"name": n, "kind": "segmentation"} for n in outputs]
+    path = write_bundle(tmp / name, model=model, name=name, method="x", input_shape=(1, 3, SIZE, SIZE),
+                        mean=[0.0] * 3, std=[1.0] * 3, tasks=tasks, parity_inputs=torch.randn(2, 3, SIZE, SIZE))
+    return json.loads((path / "manifest.json").read_text())
+
+
+def converged_aux_nas(tasks) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_network(spec("aux_nas", tasks))
+    with torch.no_grad():
+        for key, logit in model.alpha_logits.items():
+            logit.fill_(-30.0 if key.startswith("b0_") else 2.0)  # alpha^P ~ 1e-13, alpha^A ~ 0.88
+        for op in model.fusions.values():
+            torch.nn.init.normal_(op.conv.weight, std=0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("tasks", [[SEG, NORMALS], [SEG, NORMALS, DEPTH]], ids=["K=1", "K=2"])
+def test_stripped_bundle_costs_single_task_cost(tasks, tmp_path):
+    model = converged_aux_nas(tasks)
+    result = strip_aux(model, spec("aux_nas", tasks), reference_inputs=torch.randn(4, 3, SIZE, SIZE))
+    stripped = bundle_of(result.model, tmp_path, "stripped", result.outputs)
+    single = bundle_of(build_network(spec("single", [SEG])).eval(), tmp_path, "single", ["seg"])
+    assert result.outputs == ["seg"]
+    assert stripped["cost"]["macs"] <= 1.001 * single["cost"]["macs"]
+    assert stripped["cost"]["params"] <= 1.001 * single["cost"]["params"]
+    assert result.info["strip_drift_max_abs"] < 1e-5
+    assert result.info["max_alpha_aux_to_primary"] < 1e-12
+    assert sum("auxiliary branch" in s for s in result.info["stripped"]) == len(tasks) - 1
+
+
+def test_refuses_above_threshold_unless_forced():
+    tasks = [SEG, NORMALS]
+    model = build_network(spec("aux_nas", tasks)).eval()  # alpha^P = 0.5 at initialisation
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with pytest.raises(CompileError, match=r"max alpha\^P = 0.5 exceeds strip_threshold 0.01"):
+        strip_aux(model, spec("aux_nas", tasks), reference_inputs=x)
+    forced = strip_aux(model, spec("aux_nas", tasks), reference_inputs=x, force=True)
+    assert forced.info["strip_forced"] is True and forced.info["max_alpha_aux_to_primary"] == pytest.approx(0.5)
+
+
+def test_run_of_another_method_is_refused():
+    model = build_network(spec("shared", [SEG, NORMALS])).eval()
+    with pytest.raises(CompileError, match="trained with method 'shared'"):
+        strip_aux(model, spec("shared", [SEG, NORMALS]), reference_inputs=torch.randn(1, 3, SIZE, SIZE))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "taskfold.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_aux_nas_run_compiles_with_force_through_the_cli(tmp_path):
+    run = tmp_path / "aux"
+    sets = ["data.size=32", "data.train_size=16", "data.val_size=4", "data.test_size=4", "train.epochs=1",
+            "train.batch_size=8", "model.backbone=resnet10", "model.head_channels=8"]
+    args = ["train", "configs/aux_nas_seg_normals.yaml", "-o", str(run), "--quiet"]
+    for s in sets:
+        args += ["--set", s]
+    assert _cli(*args).returncode == 0
+    refused = _cli("compile", str(run))
+    assert refused.returncode == 2 and "strip_threshold" in refused.stderr and "Traceback" not in refused.stderr
+    assert _cli("compile", str(run), "--force").returncode == 0
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["seg"]
+    assert manifest["compile"]["strip_forced"] is True and "strip_drift_max_abs" in manifest["compile"]
+
+
+@pytest.mark.parametrize("recipe, fragment", [
+    ("tasks: [{name: seg, kind: segmentation}, {name: seg, kind: normals}]\nprimary: seg\nmethod: aux_nas\n",
+     "named twice"),
+    ("tasks: [{name: sal, kind: saliency}, {name: normals, kind: normals}]\nprimary: sal\nmethod: aux_nas\n",
+     "dataset has no label 'saliency'"),
+    ("tasks: [{name: seg, kind: segmentation}, {name: normals, kind: normals}]\nprimary: seg\nmethod: aux_nas\n"
+     "model: {backbone: resnet11}\n", "unknown backbone 'resnet11'"),
+    ("tasks: [{name: seg, kind: segmentation}, {name: normals, kind: normals}]\nmethod: aux_nas\n",
+     "needs `primary:`"),
+])
+def test_bad_aux_recipes_exit_2(recipe, fragment, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe + "data: {train_size: 8, val_size: 2, test_size: 2, size: 32}\n")
+    proc = _cli("train", str(path), "-o", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
