@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from taskfold.models.registry import Registry
 from taskfold.trainer.rundir import RunDir
+
+# Extra report sections by method name: ``fn(run: RunDir, records) -> list[str]`` of markdown lines.
+REPORT_SECTIONS: Registry = Registry("report section")
 
 
 def plot_training_curves(records: list[dict], path: Path) -> Path:
@@ -109,6 +113,9 @@ def write_report(run: RunDir, *, summary: dict, manifest: dict | None = None,
         extra = plot_series(records, prefix, run.path / f"{prefix}.png", title)
         if extra is not None:
             lines += [f"## {title}", "", f"![{prefix}]({extra.name})", ""]
+    method = run.load_arch().method if run.arch_path.is_file() else cfg.method_name
+    if method in REPORT_SECTIONS:
+        lines += REPORT_SECTIONS.get(method)(run, records)
     for section in sections or []:
         lines += [section, ""]
     run.report_path.write_text("\n".join(lines))

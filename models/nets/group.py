@@ -81,6 +81,12 @@ class GroupNet(nn.Module):
     def _branch(self, k: int, x: Tensor, stem_features: list[Tensor]) -> list[Tensor]:
         return stem_features + run_blocks(self.branches[k], x)[1]
 
+    def fix_assignment(self, groups: list[int]) -> None:
+        """Freeze the grouping (the random-grouping baseline): one-hot logits no noise can flip."""
+        with torch.no_grad():
+            self.group_logits.copy_(F.one_hot(torch.tensor(groups), self.num_groups).float() * 1e4)
+        self.group_logits.requires_grad_(False)
+
     def assignment(self) -> list[int]:
         """Read-off: each task's group is the argmax of its logits."""
         return self.group_logits.argmax(dim=1).tolist()

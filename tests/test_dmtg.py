@@ -1,0 +1,167 @@
+"""DMTG: the Gumbel-weighted loss, read-off into at most K groups, the pruned graph (one ONNX
+call, N outputs, parity with PyTorch) and its MACs against a count made by hand."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from taskfold.compiler.bundle import write_bundle
+from taskfold.compiler.strip_group import strip_group
+from taskfold.models.arch import ArchSpec, TaskHead
+from taskfold.models.nets import build_network
+from taskfold.runtime import load
+from taskfold.trainer.config import ConfigError
+from taskfold.trainer.methods import create_method
+
+SIZE = 32
+TASKS = [TaskHead(f"t{i}", "classification", "global", 2 + i) for i in range(5)]
+
+
+def group_net(num_groups=3, stem_blocks=1, head_hidden=16, **extra):
+    torch.manual_seed(0)
+    spec = ArchSpec(method="dmtg", backbone="resnet10", image_size=SIZE, tasks=TASKS, head_channels=8,
+                    options={"num_groups": num_groups, "stem_blocks": stem_blocks, "head_hidden": head_hidden, **extra})
+    return spec, build_network(spec)
+
+
+def conv_linear_macs(module: nn.Module, x: torch.Tensor) -> int:
+    """MACs of every Conv2d and Linear, from their weights and the output sizes seen in a forward."""
+    total = 0
+
+    def hook(mod, _inp, out):
+        nonlocal total
+        if isinstance(mod, nn.Conv2d):
+            total += out.numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+        else:
+            total += out.numel() * mod.in_features
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        module(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def test_loss_is_gumbel_weighted_sum_over_heads_that_ran():
+    spec, model = group_net(skip_below=0.0)
+    method = create_method({"name": "dmtg", "num_groups": 3, "stem_blocks": 1})
+    model.train()
+    images = torch.randn(4, 3, SIZE, SIZE)
+    targets = {"classification": torch.zeros(4, dtype=torch.long)}
+    tasks = [_Task(t.name) for t in TASKS]
+    out = model(images)
+    assert all(out[t.name].shape[0] == 3 for t in TASKS)  # every head ran (nothing skipped)
+    losses = method.task_losses(model, out, targets, tasks)
+    z = model.assignment_weights
+    for i, t in enumerate(TASKS):
+        expected = sum(z[i, k] * nn.functional.cross_entropy(out[t.name][k], targets["classification"]) for k in range(3))
+        assert torch.allclose(losses[t.name], expected)
+    assert torch.allclose(z.sum(dim=1), torch.ones(len(TASKS)))
+
+
+class _Task:
+    def __init__(self, name: str) -> None:
+        self.name, self.target = name, "classification"
+
+    def loss(self, pred, target):
+        return nn.functional.cross_entropy(pred, target)
+
+
+def test_negligible_heads_and_unused_branches_are_skipped():
+    _, model = group_net(skip_below=0.5, tau=0.05)
+    with torch.no_grad():
+        model.group_logits.copy_(torch.tensor([[9.0, 0, 0]] * 5))  # every task wants group 0
+    model.train()
+    out = model(torch.randn(2, 3, SIZE, SIZE))
+    assert model.active.sum() == 5 and model.active[:, 0].all()
+    assert all(v.shape[0] == 1 for v in out.values())
+
+
+def test_read_off_groups_vanish_and_pruned_bundle_matches(tmp_path):
+    spec, model = group_net()
+    with torch.no_grad():  # tasks 0,1 -> group 2; tasks 2,3,4 -> group 0; group 1 empty
+        model.group_logits.copy_(torch.tensor([[0, 0, 5.0], [0, 0, 5.0], [5.0, 0, 0], [5.0, 0, 0], [5.0, 0, 0]]))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, SIZE, SIZE))  # non-trivial BN statistics
+    x = torch.randn(4, 3, SIZE, SIZE)
+    result = strip_group(model, spec, reference_inputs=x)
+    assert result.info["groups"] == {"0": ["t2", "t3", "t4"], "2": ["t0", "t1"]}
+    assert result.info["prune_drift_max_abs"] < 1e-5
+    tasks = [{"name": t.name, "kind": t.kind} for t in TASKS]
+    bundle = write_bundle(tmp_path / "b", model=result.model, name="g", method="dmtg",
+                          input_shape=(1, 3, SIZE, SIZE), mean=[0] * 3, std=[1] * 3, tasks=tasks, parity_inputs=x)
+    predictor = load(bundle)
+    images = np.random.default_rng(0).normal(size=(3, 3, SIZE, SIZE)).astype(np.float32)
+    got = predictor(images)  # one ONNX Runtime call answers all N tasks
+    with torch.no_grad():
+        want = result.model(torch.from_numpy(images))
+    assert sorted(got) == sorted(t.name for t in TASKS)
+    for name in got:
+        assert np.abs(got[name] - want[name].numpy()).max() <= 1e-4
+
+    # MACs: stem + the two surviving branches + N heads, counted by hand from the PyTorch modules.
+    pruned = result.model
+    probe = torch.zeros(1, 3, SIZE, SIZE)
+    stem = _Chain(pruned.stem)
+    with torch.no_grad():
+        stem_out = stem(probe)
+    branch_macs = sum(conv_linear_macs(_Chain(b), stem_out) for b in pruned.branches.values())
+    channels, hidden = model.branches[0][-1].conv2.out_channels, 16
+    head_macs = sum(channels * hidden + hidden * t.out_channels for t in TASKS)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["cost"]["macs"] == conv_linear_macs(stem, probe) + branch_macs + head_macs
+    assert set(manifest["cost"]["per_task_macs"]) == {t.name for t in TASKS}
+
+
+class _Chain(nn.Module):
+    """Blocks applied one after another (a stem or a group branch as one module)."""
+
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"num_groups": 0}, "must be >= 1"),
+    ({"num_groups": 20, "max_groups": 8}, "exceed method.max_groups"),
+])
+def test_bad_group_counts(options, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        create_method({"name": "dmtg", **options})
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "taskfold.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ("tasks: [{name: a, kind: classification, options: {target: nope}}, {name: b, kind: segmentation}]\n",
+     "dataset has no label 'nope'"),
+    ("tasks: [{name: a, kind: classification, options: {target: digit_class}}, {name: b, kind: segmentation}]\n"
+     "data: {dataset: composites, options: {fashion_root: /nonexistent}, train_size: 8, val_size: 2, test_size: 2}\n",
+     "Fashion-MNIST"),
+    ("tasks: [{name: a, kind: segmentation}, {name: b, kind: depth}]\nmethod: {name: dmtg, num_groups: 3}\n",
+     "3 groups for only 2 tasks"),
+])
+def test_bad_dmtg_inputs_exit_2(extra, fragment, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    text = extra if "method:" in extra else extra + "method: {name: dmtg, num_groups: 2}\n"
+    if "data:" not in text:
+        text += "data: {train_size: 8, val_size: 2, test_size: 2, size: 32}\n"
+    recipe.write_text(text)
+    proc = _cli("train", str(recipe), "-o", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
