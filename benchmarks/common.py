@@ -40,3 +40,29 @@ def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best / 1e9
+
+
+def train_recipe(recipe: str, overrides: list[str], out_dir) -> dict:
+    """Train one recipe with overrides into ``out_dir`` (replaced); returns the test summary plus
+    the run's read-off decision."""
+    import shutil
+    from pathlib import Path
+
+    from taskfold.trainer.config import load_config
+    from taskfold.trainer.loop import train
+    from taskfold.trainer.rundir import RunDir
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    summary = train(load_config(recipe, overrides + ["train.progress=false"]), out_dir)
+    summary["decision"] = RunDir(out_dir).load_arch().decision
+    return summary
+
+
+def mean_std(values: list[float]) -> str:
+    import statistics
+
+    if len(values) < 2:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"

@@ -115,16 +115,18 @@ def batches(dataset, indices: torch.Tensor, batch_size: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, tasks: list, batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """Each task's metrics over a whole split."""
+    """Each task's metrics over a whole split, plus its mean ``loss`` (NormGain_L needs it)."""
     was_training = model.training
     model.eval()
     meters = {t.name: t.new_meter() for t in tasks}
+    loss_sums = {t.name: 0.0 for t in tasks}
     for images, targets in batches(dataset, torch.arange(len(dataset)), batch_size):
         outputs = model(images)
         for t in tasks:
             meters[t.name].update(outputs[t.name], targets[t.target])
+            loss_sums[t.name] += float(t.loss(outputs[t.name], targets[t.target])) * len(images)
     model.train(was_training)
-    return {name: meter.compute() for name, meter in meters.items()}
+    return {name: {**meter.compute(), "loss": loss_sums[name] / len(dataset)} for name, meter in meters.items()}
 
 
 def _split_epoch(n: int, arch_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,7 +67,7 @@ def _metrics_table(test: dict[str, dict[str, float]], directions: dict[str, dict
     lines = ["| task | metric | value |", "|---|---|---|"]
     for task, metrics in test.items():
         for metric, value in metrics.items():
-            arrow = "↑" if directions.get(task, {}).get(metric, True) else "↓"
+            arrow = "↑" if directions.get(task, {}).get(metric, metric != "loss") else "↓"
             lines.append(f"| {task} | {metric} {arrow} | {value:.4f} |")
     return lines
 

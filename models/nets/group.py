@@ -99,21 +99,24 @@ class GroupNet(nn.Module):
         if not self.training:
             groups = self.assignment()
             feats = {k: self._branch(k, x, stem_features) for k in sorted(set(groups))}
-            return {t.name: self._heads(t.name, feats, [k]).squeeze(0) for t, k in zip(self.tasks, groups)}
+            pooled = {k: f[-1].mean(dim=(2, 3)) for k, f in feats.items()}
+            return {t.name: self._heads(t.name, feats, pooled, [k]).squeeze(0) for t, k in zip(self.tasks, groups)}
         z = F.gumbel_softmax(self.group_logits, tau=self.tau, hard=self.hard, dim=1)
         active = z.detach() >= self.skip_below
         active[torch.arange(len(self.tasks)), z.detach().argmax(dim=1)] = True
         self.assignment_weights, self.active = z, active
         feats = {k: self._branch(k, x, stem_features) for k in active.any(dim=0).nonzero().flatten().tolist()}
-        return {t.name: self._heads(t.name, feats, active[i].nonzero().flatten().tolist())
+        pooled = {k: f[-1].mean(dim=(2, 3)) for k, f in feats.items()}  # once per branch, for every task
+        return {t.name: self._heads(t.name, feats, pooled, active[i].nonzero().flatten().tolist())
                 for i, t in enumerate(self.tasks)}
 
-    def _heads(self, task: str, feats: dict[int, list[Tensor]], groups: list[int]) -> Tensor:
+    def _heads(self, task: str, feats: dict[int, list[Tensor]], pooled: dict[int, Tensor], groups: list[int]) -> Tensor:
+        """Task ``task``'s heads on the given groups, stacked along a leading group axis."""
         head = self.heads[task]
-        if isinstance(head, StackedMLPHead):
-            pooled = torch.stack([feats[k][-1].mean(dim=(2, 3)) for k in groups])
-            return head(pooled, torch.tensor(groups))
-        return torch.stack([head[k](feats[k]) for k in groups])
+        if not isinstance(head, StackedMLPHead):
+            return torch.stack([head[k](feats[k]) for k in groups])
+        inputs = torch.stack([pooled[k] for k in groups])
+        return head(inputs, None if len(groups) == self.num_groups else torch.tensor(groups))
 
     def pruned_network(self) -> "PrunedGroupNet":
         groups = self.assignment()
