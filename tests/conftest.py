@@ -32,3 +32,19 @@ def demo_bundle(demo_run: Path) -> Path:
 
     assert main(["compile", str(demo_run)]) == 0
     return demo_run / "bundle"
+
+
+def cached_backbones(img_size: int):
+    """``build(name)``: the backbone ``name`` made once (seed 0, eval mode), then the same object
+    again. Each test module calls this once, so each keeps its own backbones (VGG/ViT-B are slow
+    to initialise)."""
+    import functools
+
+    from taskfold.models.backbones import create_backbone
+
+    @functools.cache
+    def build(name: str):
+        torch.manual_seed(0)
+        return create_backbone(name, img_size=img_size).eval()
+
+    return build

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import cached_backbones
 from safetensors.torch import save_file
 
-from taskfold.models.backbones import BACKBONES, Backbone, create_backbone
+from taskfold.models.backbones import BACKBONES, create_backbone
 from taskfold.models.errors import ModelError
 from taskfold.models.registry import UnknownNameError
 
@@ -17,15 +18,7 @@ torch.set_num_threads(1)
 
 IMG = 64
 SMALL = ["resnet10", "mobilenetv2_100", "vit_tiny_patch16_224"]
-_CACHE: dict[str, Backbone] = {}
-
-
-def _backbone(name: str) -> Backbone:
-    """Build each registered backbone once per test session (VGG/ViT-B are slow to initialise)."""
-    if name not in _CACHE:
-        torch.manual_seed(0)
-        _CACHE[name] = create_backbone(name, img_size=IMG).eval()
-    return _CACHE[name]
+_backbone = cached_backbones(IMG)
 
 
 def _image(batch: int = 2) -> torch.Tensor:

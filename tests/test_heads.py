@@ -7,9 +7,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import cached_backbones
 from torch import nn
 
-from taskfold.models.backbones import Backbone, create_backbone
+from taskfold.models.backbones import Backbone
 from taskfold.models.errors import ModelError
 from taskfold.models.layers.heads import HEADS, create_head, default_head
 from taskfold.models.registry import UnknownNameError
@@ -17,14 +18,7 @@ from taskfold.models.registry import UnknownNameError
 torch.set_num_threads(1)
 
 IMG = 64
-_CACHE: dict[str, Backbone] = {}
-
-
-def _backbone(name: str) -> Backbone:
-    if name not in _CACHE:
-        torch.manual_seed(0)
-        _CACHE[name] = create_backbone(name, img_size=IMG).eval()
-    return _CACHE[name]
+_backbone = cached_backbones(IMG)
 
 
 def _features(name: str, batch: int = 2) -> list[torch.Tensor]:

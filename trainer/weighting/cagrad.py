@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from taskfold.trainer.weighting.base import StepContext
-from taskfold.trainer.weighting.grads import ON_CHOICES, check_choice, combined_backward, scale_losses
+from taskfold.trainer.weighting.common import GradientStrategy, OnOptions
+from taskfold.trainer.weighting.grads import combined_backward, scale_losses
 from taskfold.trainer.weighting.registry import WEIGHTINGS
 
 
@@ -78,35 +79,21 @@ def cagrad_coefficients(gram: torch.Tensor, c: float, rescale: bool) -> torch.Te
 
 
 @WEIGHTINGS.register("cagrad")
-class CAGrad:
+class CAGrad(GradientStrategy):
     """Average gradient, bent towards the task that would gain least from it."""
 
-    needs = "shared_params"  # the default `on`; each instance sets its own
-
     @dataclass
-    class Options:
+    class Options(OnOptions):
         c: float = 0.4
         rescale: bool = True
-        on: str = "params"
-
-        def __post_init__(self) -> None:
-            check_choice("on", self.on, ON_CHOICES)
 
     def __init__(self, options: Options, tasks: list[str], task_weights: dict[str, float]) -> None:
+        super().__init__(options, tasks, task_weights)
         self.c = options.c
         self.rescale = options.rescale
-        self.on = options.on
-        self.needs = "shared_params" if options.on == "params" else "shared_features"
-        self.task_weights = task_weights
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return []
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         names = list(losses)
         beta = combined_backward(scale_losses(losses, self.task_weights), ctx, self.on,
                                  lambda gram: cagrad_coefficients(gram, self.c, self.rescale))
         return {} if beta is None else {f"weight/{t}": float(b) for t, b in zip(names, beta)}
-
-    def end_epoch(self, epoch_losses: dict[str, float]) -> None:
-        pass

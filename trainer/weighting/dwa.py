@@ -13,28 +13,24 @@ from dataclasses import dataclass
 import torch
 
 from taskfold.trainer.weighting.base import StepContext
+from taskfold.trainer.weighting.common import StrategyBase
 from taskfold.trainer.weighting.grads import scale_losses
 from taskfold.trainer.weighting.registry import WEIGHTINGS
 
 
 @WEIGHTINGS.register("dwa")
-class DynamicWeightAverage:
+class DynamicWeightAverage(StrategyBase):
     """Loss weights from each task's recent rate of descent; no gradients are inspected."""
-
-    needs = "losses"
 
     @dataclass
     class Options:
         temperature: float = 2.0
 
     def __init__(self, options: Options, tasks: list[str], task_weights: dict[str, float]) -> None:
+        super().__init__(options, tasks, task_weights)
         self.tasks = list(tasks)
-        self.task_weights = task_weights
         self.temperature = options.temperature
         self.history: list[dict[str, float]] = []
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return []
 
     def weights(self) -> dict[str, float]:
         """This epoch's weights (uniform until two epochs of history exist)."""

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from taskfold.trainer.weighting.base import StepContext
-from taskfold.trainer.weighting.grads import ON_CHOICES, check_choice, combined_backward, primary_index, scale_losses
+from taskfold.trainer.weighting.common import GradientStrategy, OnOptions
+from taskfold.trainer.weighting.grads import combined_backward, primary_index, scale_losses
 from taskfold.trainer.weighting.registry import WEIGHTINGS
 
 
@@ -24,29 +25,18 @@ def cosines_to(gram: torch.Tensor, primary: int) -> torch.Tensor:
 
 
 @WEIGHTINGS.register("gcs")
-class GradientCosineSimilarity:
+class GradientCosineSimilarity(GradientStrategy):
     """Gate each auxiliary gradient on its cosine with the primary gradient."""
 
     requires_primary = True
 
-    needs = "shared_params"  # the default `on`; each instance sets its own
-
     @dataclass
-    class Options:
-        on: str = "params"
+    class Options(OnOptions):
         weighted: bool = False
 
-        def __post_init__(self) -> None:
-            check_choice("on", self.on, ON_CHOICES)
-
     def __init__(self, options: Options, tasks: list[str], task_weights: dict[str, float]) -> None:
-        self.on = options.on
+        super().__init__(options, tasks, task_weights)
         self.weighted = options.weighted
-        self.needs = "shared_params" if options.on == "params" else "shared_features"
-        self.task_weights = task_weights
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return []
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         names = list(losses)
@@ -62,6 +52,3 @@ class GradientCosineSimilarity:
 
         combined_backward(scale_losses(losses, self.task_weights), ctx, self.on, rule)
         return logs
-
-    def end_epoch(self, epoch_losses: dict[str, float]) -> None:
-        pass

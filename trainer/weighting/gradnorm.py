@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from taskfold.trainer.weighting.base import StepContext
-from taskfold.trainer.weighting.grads import (ON_CHOICES, check_choice, combined_backward, scale_losses,
-                                              strategy_parameter)
+from taskfold.trainer.weighting.common import GradientStrategy, OnOptions
+from taskfold.trainer.weighting.grads import combined_backward, scale_losses, strategy_parameter
 from taskfold.trainer.weighting.registry import WEIGHTINGS
 
 
@@ -32,25 +32,17 @@ def gradnorm_weight_grad(weights: torch.Tensor, grad_norms: torch.Tensor, loss_r
 
 
 @WEIGHTINGS.register("gradnorm")
-class GradNorm:
+class GradNorm(GradientStrategy):
     """Learn task weights that equalise the tasks' gradient norms, scaled by training progress."""
 
-    needs = "shared_params"  # the default `on`; each instance sets its own
-
     @dataclass
-    class Options:
+    class Options(OnOptions):
         alpha: float = 1.5
-        on: str = "params"
-
-        def __post_init__(self) -> None:
-            check_choice("on", self.on, ON_CHOICES)
 
     def __init__(self, options: Options, tasks: list[str], task_weights: dict[str, float]) -> None:
+        super().__init__(options, tasks, task_weights)
         self.tasks = list(tasks)
         self.alpha = options.alpha
-        self.on = options.on
-        self.needs = "shared_params" if options.on == "params" else "shared_features"
-        self.task_weights = task_weights
         self.weights = strategy_parameter([1.0] * len(self.tasks))
         self.initial_losses: torch.Tensor | None = None
 
@@ -81,6 +73,3 @@ class GradNorm:
         rest = sum(float(wt) * ordered[t] for wt, t in zip(w, names))
         combined_backward(ordered, ctx, self.on, rule, rest_total=rest)
         return {f"weight/{t}": float(v) for t, v in zip(self.tasks, self.weights.detach())}
-
-    def end_epoch(self, epoch_losses: dict[str, float]) -> None:
-        pass

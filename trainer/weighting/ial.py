@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from taskfold.trainer.weighting.base import StepContext
-from taskfold.trainer.weighting.grads import (ON_CHOICES, check_choice, combined_backward, primary_index,
-                                              scale_losses, strategy_parameter)
+from taskfold.trainer.weighting.common import GradientStrategy, OnOptions
+from taskfold.trainer.weighting.grads import (check_choice, combined_backward, primary_index, scale_losses,
+                                              strategy_parameter)
 from taskfold.trainer.weighting.registry import WEIGHTINGS
 from taskfold.trainer.weighting.uncertainty import sigma_logs, uncertainty_objective
 
@@ -50,7 +51,7 @@ def ial_coefficients(gram: torch.Tensor, primary: int, f_sigma: torch.Tensor) ->
 
 
 @WEIGHTINGS.register("ial")
-class ImpartialAuxiliaryLearning:
+class ImpartialAuxiliaryLearning(GradientStrategy):
     """Uncertainty-weighted decoders, primary-dominated encoder."""
 
     requires_primary = True
@@ -58,21 +59,19 @@ class ImpartialAuxiliaryLearning:
     needs = "shared_features"  # the default `on`; each instance sets its own
 
     @dataclass
-    class Options:
+    class Options(OnOptions):
         g: str = "relu"
         on: str = "features"
         init_log_sigma: float = 0.0
 
         def __post_init__(self) -> None:
             check_choice("g", self.g, tuple(G_FUNCTIONS))
-            check_choice("on", self.on, ON_CHOICES)
+            super().__post_init__()
 
     def __init__(self, options: Options, tasks: list[str], task_weights: dict[str, float]) -> None:
+        super().__init__(options, tasks, task_weights)
         self.tasks = list(tasks)
         self.g = options.g
-        self.on = options.on
-        self.needs = "shared_params" if options.on == "params" else "shared_features"
-        self.task_weights = task_weights
         self.log_sigma = strategy_parameter([options.init_log_sigma] * len(self.tasks))
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -90,6 +89,3 @@ class ImpartialAuxiliaryLearning:
         logs = sigma_logs(self.log_sigma, self.tasks)
         logs.update({f"aux_weight/{t}": float(f) for i, (t, f) in enumerate(zip(names, f_sigma)) if i != primary})
         return logs
-
-    def end_epoch(self, epoch_losses: dict[str, float]) -> None:
-        pass

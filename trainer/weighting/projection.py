@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from taskfold.trainer.weighting.base import StepContext
-from taskfold.trainer.weighting.grads import ON_CHOICES, check_choice, combined_backward, primary_index, scale_losses
+from taskfold.trainer.weighting.common import GradientStrategy, OnOptions
+from taskfold.trainer.weighting.grads import combined_backward, primary_index, scale_losses
 from taskfold.trainer.weighting.registry import WEIGHTINGS
 
 
@@ -49,27 +50,16 @@ def _conflicts(gram: torch.Tensor) -> float:
 
 
 @WEIGHTINGS.register("pcgrad")
-class PCGrad:
+class PCGrad(GradientStrategy):
     """Remove, pairwise, the part of each task gradient that conflicts with another's."""
 
-    needs = "shared_params"  # the default `on`; each instance sets its own
-
     @dataclass
-    class Options:
-        on: str = "params"
+    class Options(OnOptions):
         seed: int = 0
 
-        def __post_init__(self) -> None:
-            check_choice("on", self.on, ON_CHOICES)
-
     def __init__(self, options: Options, tasks: list[str], task_weights: dict[str, float]) -> None:
-        self.on = options.on
-        self.needs = "shared_params" if options.on == "params" else "shared_features"
-        self.task_weights = task_weights
+        super().__init__(options, tasks, task_weights)
         self.generator = torch.Generator().manual_seed(options.seed)
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return []
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         logs: dict[str, float] = {}
@@ -81,32 +71,14 @@ class PCGrad:
         combined_backward(scale_losses(losses, self.task_weights), ctx, self.on, rule)
         return logs
 
-    def end_epoch(self, epoch_losses: dict[str, float]) -> None:
-        pass
-
 
 @WEIGHTINGS.register("pcgrad_aux")
-class PCGradAux:
+class PCGradAux(GradientStrategy):
     """PCGrad restricted to auxiliary-vs-primary conflicts; the primary gradient is never altered."""
 
     requires_primary = True
 
-    needs = "shared_params"  # the default `on`; each instance sets its own
-
-    @dataclass
-    class Options:
-        on: str = "params"
-
-        def __post_init__(self) -> None:
-            check_choice("on", self.on, ON_CHOICES)
-
-    def __init__(self, options: Options, tasks: list[str], task_weights: dict[str, float]) -> None:
-        self.on = options.on
-        self.needs = "shared_params" if options.on == "params" else "shared_features"
-        self.task_weights = task_weights
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return []
+    Options = OnOptions  # `on` is its only option
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         primary = primary_index(list(losses), ctx)
@@ -118,6 +90,3 @@ class PCGradAux:
 
         combined_backward(scale_losses(losses, self.task_weights), ctx, self.on, rule)
         return logs
-
-    def end_epoch(self, epoch_losses: dict[str, float]) -> None:
-        pass

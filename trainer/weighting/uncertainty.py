@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from taskfold.trainer.weighting.base import StepContext
+from taskfold.trainer.weighting.common import StrategyBase
 from taskfold.trainer.weighting.grads import scale_losses, strategy_parameter
 from taskfold.trainer.weighting.registry import WEIGHTINGS
 
@@ -37,18 +38,16 @@ def sigma_logs(log_sigma: nn.Parameter, tasks: list[str]) -> dict[str, float]:
 
 
 @WEIGHTINGS.register("uw")
-class UncertaintyWeighting:
+class UncertaintyWeighting(StrategyBase):
     """Learned per-task weights ``1/(2 sigma_t^2)``, with ``log sigma_t`` as the regulariser."""
-
-    needs = "losses"
 
     @dataclass
     class Options:
         init_log_sigma: float = 0.0
 
     def __init__(self, options: Options, tasks: list[str], task_weights: dict[str, float]) -> None:
+        super().__init__(options, tasks, task_weights)
         self.tasks = list(tasks)
-        self.task_weights = task_weights
         self.log_sigma = strategy_parameter([options.init_log_sigma] * len(self.tasks))
 
     def parameters(self) -> list[nn.Parameter]:
@@ -57,6 +56,3 @@ class UncertaintyWeighting:
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         uncertainty_objective(scale_losses(losses, self.task_weights), self.log_sigma, self.tasks).backward()
         return sigma_logs(self.log_sigma, self.tasks)
-
-    def end_epoch(self, epoch_losses: dict[str, float]) -> None:
-        pass

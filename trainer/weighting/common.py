@@ -1,0 +1,53 @@
+"""What most strategies have in common, so that each strategy module only states its own rule.
+
+- :class:`StrategyBase`: keeps the config's fixed per-task weights (``self.task_weights``), has no
+  learnable parameters of its own and nothing to do at the end of an epoch; a strategy that has
+  (UW, GradNorm, IAL, DWA) overrides ``parameters`` or ``end_epoch``.
+- :class:`GradientStrategy`: a strategy that compares task gradients on the shared part of the
+  network named by its ``on`` option (see :class:`grads.SharedPart`); it sets ``self.on`` and
+  ``self.needs`` from it. Its options subclass :class:`OnOptions`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from taskfold.trainer.weighting.base import Needs
+from taskfold.trainer.weighting.grads import ON_CHOICES, check_choice
+
+
+class StrategyBase:
+    """Defaults for the parts of :class:`base.WeightingStrategy` a strategy does not use."""
+
+    needs: Needs = "losses"
+
+    def __init__(self, options: object, tasks: list[str], task_weights: dict[str, float]) -> None:
+        self.task_weights = task_weights
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def end_epoch(self, epoch_losses: dict[str, float]) -> None:
+        pass
+
+
+@dataclass
+class OnOptions:
+    """``on``: compare the task gradients on the shared ``params`` or on the shared ``features``."""
+
+    on: str = "params"
+
+    def __post_init__(self) -> None:
+        check_choice("on", self.on, ON_CHOICES)
+
+
+class GradientStrategy(StrategyBase):
+    """A strategy that works on the task gradients of the shared part chosen by ``options.on``."""
+
+    needs: Needs = "shared_params"  # the default `on`; each instance sets its own
+
+    def __init__(self, options: OnOptions, tasks: list[str], task_weights: dict[str, float]) -> None:
+        super().__init__(options, tasks, task_weights)
+        self.on = options.on
+        self.needs = "shared_params" if options.on == "params" else "shared_features"
