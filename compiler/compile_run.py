@@ -10,9 +10,11 @@ import torch
 
 from taskfold.compiler.bundle import write_bundle
 from taskfold.compiler.errors import CompileError
+from taskfold.compiler.tensorrt import add_engine_to_bundle
 from taskfold.compiler.strip import STRIPPERS
 from taskfold.compiler import strip_aux, strip_branch, strip_group  # noqa: F401  (register the method strippers)
 from taskfold.models.nets import build_network
+from taskfold.runtime.cuda import cuda_unavailable_reason
 from taskfold.trainer.config import Config
 from taskfold.trainer.data import create_dataset
 from taskfold.trainer.rundir import RunDir
@@ -49,8 +51,10 @@ def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force
     """Compile ``run_dir`` into ``out_dir`` (default ``run_dir/bundle``); returns the bundle path."""
     run = RunDir(run_dir)
     cfg, spec, model = load_trained(run)
-    if tensorrt:
-        raise CompileError("--tensorrt needs CUDA and the tensorrt package; no CUDA device is visible here")
+    if tensorrt:  # fail before the (slow) export when the engine cannot be built here
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise CompileError(f"--tensorrt needs CUDA: {reason}")
     stripper = STRIPPERS.get(spec.method)
     parity_inputs = held_out_images(cfg, cfg.compile.parity_samples)
     result = stripper(model, spec, force=force, reference_inputs=parity_inputs, options=cfg.method_options)
@@ -62,7 +66,7 @@ def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force
                                   cache_dir=info.cache_dir, **info.options).info
     config_sha = hashlib.sha256(run.config_path.read_bytes()).hexdigest()
     test_metrics = next((r["test"] for r in reversed(run.read_metrics()) if r.get("type") == "test"), None)
-    return write_bundle(
+    bundle = write_bundle(
         Path(out_dir) if out_dir else run.bundle_path,
         model=result.model,
         name=cfg.name,
@@ -76,3 +80,6 @@ def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force
         compile_info=result.info,
         provenance={"config_sha256": config_sha, "git_commit": _git_commit(), "metrics": test_metrics},
     )
+    if tensorrt:
+        add_engine_to_bundle(bundle)
+    return bundle
