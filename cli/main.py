@@ -14,25 +14,22 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 
+# Exception types that mean "the user asked for something impossible" (→ exit 2), by module. A
+# module that was never imported cannot have raised its error, so only loaded ones are looked up
+# (this keeps `taskfold flops` and `bench` free of torch).
+USER_ERRORS = {
+    "taskfold.runtime.errors": ("BundleError", "InputError", "BackendUnavailable"),
+    "taskfold.trainer.config": ("ConfigError",),
+    "taskfold.models.errors": ("ModelError",),
+    "taskfold.models.registry": ("UnknownNameError",),
+    "taskfold.compiler.errors": ("CompileError",),
+    "taskfold.trainer.data.idx": ("DatasetUnavailable", "DataFormatError"),
+}
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the user asked for something impossible" (→ exit 2)."""
-    from taskfold.runtime.errors import BackendUnavailable, BundleError, InputError
-
-    found: list[type[BaseException]] = [BundleError, InputError, BackendUnavailable]
-    if "torch" in sys.modules:  # torch-side errors only exist when a torch-side command ran
-        from taskfold.compiler.errors import CompileError
-        from taskfold.models.errors import ModelError
-        from taskfold.models.registry import UnknownNameError
-        from taskfold.trainer.config import ConfigError
-
-        found += [ConfigError, ModelError, UnknownNameError, CompileError]
-        try:
-            from taskfold.trainer.data.idx import DatasetUnavailable
-
-            found.append(DatasetUnavailable)
-        except ImportError:
-            pass
-    return tuple(found)
+    return tuple(getattr(sys.modules[module], name) for module, names in USER_ERRORS.items()
+                 if module in sys.modules for name in names)
 
 
 def demo_recipe() -> Path:
@@ -51,10 +48,15 @@ def _prepare_run_dir(cfg, out: str | None, overwrite: bool) -> Path:
     from taskfold.trainer.config import ConfigError
 
     run_dir = Path(out) if out else Path("runs") / cfg.name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise ConfigError(f"run directory {run_dir} already exists and is not empty "
                               "(pass --overwrite to replace it, or -o for another)")
+        if not (run_dir / "config.yaml").is_file():  # never delete a folder that is not a run
+            raise ConfigError(f"--overwrite: {run_dir} is not a taskfold run directory (no config.yaml); "
+                              "refusing to delete it")
         shutil.rmtree(run_dir)
     return run_dir
 
@@ -68,13 +70,12 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
-    from taskfold.trainer.loop import train
+    from taskfold.trainer.loop import train_stages
 
     cfg = _load_config(args.config, args.set)
     _apply_quiet(cfg, args)
-    run_dir = _prepare_run_dir(cfg, args.output, args.overwrite)
-    summary = train(cfg, run_dir)
-    return {"run_dir": str(run_dir), "test": summary["test"]}
+    summary, final_dir = train_stages(cfg, _prepare_run_dir(cfg, args.output, args.overwrite))
+    return {"run_dir": str(final_dir), "test": summary["test"]}
 
 
 def cmd_compile(args: argparse.Namespace) -> dict:
@@ -109,10 +110,12 @@ def cmd_predict(args: argparse.Namespace) -> dict:
         raise InputError(f"input file not found: {source}")
     try:
         images = np.load(source, allow_pickle=False)
-    except ValueError as exc:
+    except (ValueError, EOFError, OSError) as exc:
         raise InputError(f"{source}: not a .npy array ({exc})") from None
     outputs = load(args.bundle)(images)
     out = Path(args.output) if args.output else source.with_suffix(".out.npz")
+    if out.suffix != ".npz":  # np.savez would append it; say where the file really is
+        out = out.with_name(out.name + ".npz")
     np.savez(out, **outputs)
     return {"output": str(out), "shapes": {task: list(value.shape) for task, value in outputs.items()}}
 

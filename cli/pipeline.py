@@ -11,15 +11,12 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict:
     """Run every stage into ``run_dir``; returns a summary (paths, test metrics, cost, latency)."""
     from taskfold.compiler.compile_run import compile_run
     from taskfold.runtime import benchmark, load
-    from taskfold.trainer.loop import train
+    from taskfold.trainer.loop import train_stages
     from taskfold.trainer.report import write_report
     from taskfold.trainer.rundir import RunDir
 
-    summary = train(cfg, run_dir)
-    while summary["follow_up"] is not None:  # e.g. BMTAS: retrain the derived tree in run_dir/retrain
-        cfg, run_dir = summary["follow_up"], Path(run_dir) / "retrain"
-        summary = train(cfg, run_dir)
-    bundle = compile_run(run_dir)
+    summary, run_dir = train_stages(cfg, run_dir)
+    bundle = compile_run(run_dir, tensorrt=cfg.compile.tensorrt)
     predictor = load(bundle, threads=cfg.bench.threads)
     rows = benchmark(predictor, cfg.bench.batches, warmup=cfg.bench.warmup, iters=cfg.bench.iters)
     manifest = json.loads((bundle / "manifest.json").read_text())

@@ -36,6 +36,13 @@ MODEL_FILE = "model.onnx"
 OPSET = 18
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("taskfold")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that is not installed
+        return "unknown"
+
+
 def write_bundle(
     out_dir: str | os.PathLike,
     *,
@@ -71,7 +78,7 @@ def write_bundle(
         measured = _compile_into(tmp, model, tuple(input_shape), tasks, images, parity_tol)
         manifest = {
             "name": name,
-            "taskfold_version": importlib.metadata.version("taskfold"),
+            "taskfold_version": _version(),
             "method": method,
             "input": {"name": INPUT_NAME, "shape": [-1, *input_shape[1:]], "dtype": "float32",
                       "layout": "NCHW", "mean": [float(m) for m in mean], "std": [float(s) for s in std]},

@@ -20,8 +20,11 @@ from taskfold.trainer.data import create_dataset
 from taskfold.trainer.rundir import RunDir
 
 
+CLASS_KINDS = ("segmentation", "classification")  # tasks whose channels are class scores
+
+
 def held_out_images(cfg: Config, count: int) -> torch.Tensor:
-    """The first ``count`` test-split images: data the network never trained on."""
+    """``count`` images of the test split (built with that many samples): data never trained on."""
     d = cfg.data
     test = create_dataset(d.dataset, "test", size=d.size, num_samples=max(count, 1), seed=d.seed,
                           cache_dir=d.cache_dir, **d.options)
@@ -29,6 +32,9 @@ def held_out_images(cfg: Config, count: int) -> torch.Tensor:
 
 
 def _git_commit() -> str | None:
+    """The commit of taskfold's own checkout; None for an installed copy (no .git beside it)."""
+    if not (Path(__file__).resolve().parents[1] / ".git").exists():
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -60,7 +66,9 @@ def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force
     result = stripper(model, spec, force=force, reference_inputs=parity_inputs, options=cfg.method_options)
     by_name = {t.name: t for t in spec.tasks}
     tasks = [{"name": n, "kind": by_name[n].kind, "channels": by_name[n].out_channels,
-              "output_kind": by_name[n].output} for n in result.outputs]
+              "output_kind": by_name[n].output,
+              **({"classes": by_name[n].out_channels} if by_name[n].kind in CLASS_KINDS else {})}
+             for n in result.outputs]
     info = cfg.data
     dataset_info = create_dataset(info.dataset, "val", size=info.size, num_samples=1, seed=info.seed,
                                   cache_dir=info.cache_dir, **info.options).info

@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 
 from taskfold.compiler.errors import CompileError
+from taskfold.runtime.backend_trt import PLAN
 from taskfold.runtime.bundle import write_manifest
 from taskfold.runtime.cuda import cuda_unavailable_reason
-
-PLAN = "model.plan"
 
 
 def build_engine(onnx_path: Path, plan_path: Path, *, image_shape: tuple[int, int, int], max_batch: int = 32,

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from taskfold.runtime.cuda import cuda_unavailable_reason
-from taskfold.runtime.errors import BackendUnavailable
+from taskfold.runtime.errors import BackendUnavailable, InputError
 
 ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
 DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
@@ -54,7 +54,7 @@ class OrtBackend:
                     + ("; install onnxruntime-gpu for CUDA" if name == "CUDAExecutionProvider" else "")
                 )
         if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+            raise InputError(f"threads must be >= 1, got {threads}")
         self.threads = threads if threads is not None else available_cpus()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads

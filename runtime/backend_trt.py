@@ -43,7 +43,7 @@ class TrtBackend:
         threads: int | None = None,
     ) -> None:
         if providers or threads is not None:
-            raise ValueError("providers and threads apply to the onnxruntime backend only")
+            raise BackendUnavailable("providers and threads apply to the onnxruntime backend only")
         reason = cuda_unavailable_reason()
         if reason is not None:
             raise BackendUnavailable(f"backend 'tensorrt' needs CUDA: {reason}")

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from taskfold.runtime.errors import InputError
 from taskfold.runtime.predictor import Predictor
 
 
@@ -18,7 +19,7 @@ def _batch_shape(predictor: Predictor, batch: int) -> tuple[int, ...]:
     """The input shape with the batch set; every other dimension must be fixed in the manifest."""
     rest = list(predictor.input_spec["shape"][1:])
     if any(d is None or d < 1 for d in rest):
-        raise ValueError(f"cannot benchmark input shape {predictor.input_spec['shape']}: only the batch may be dynamic")
+        raise InputError(f"cannot benchmark input shape {predictor.input_spec['shape']}: only the batch may be dynamic")
     return (batch, *rest)
 
 
@@ -32,13 +33,13 @@ def benchmark(
 ) -> list[dict[str, Any]]:
     """One row per batch size: batch, p50/p90/p99/mean latency in ms, throughput_ips, provider, threads."""
     if iters < 1 or warmup < 0:
-        raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+        raise InputError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     rng = np.random.default_rng(seed)
     dtype = np.dtype(predictor.input_spec.get("dtype", "float32"))
     rows = []
     for batch in batch_sizes:
         if batch < 1:
-            raise ValueError(f"batch sizes must be >= 1, got {batch}")
+            raise InputError(f"batch sizes must be >= 1, got {batch}")
         images = rng.standard_normal(_batch_shape(predictor, batch)).astype(dtype)
         for _ in range(warmup):
             predictor(images)

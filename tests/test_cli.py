@@ -128,3 +128,22 @@ def test_existing_run_directory_is_not_overwritten(demo_run: Path):
 @pytest.mark.parametrize("args", [["flops", "/nonexistent/model.onnx"], ["compile", "/nonexistent/run"]])
 def test_missing_paths_exit_2(args):
     assert_user_error(run_cli(*args), "nonexistent")
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path: Path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    proc = run_cli("train", "configs/demo.yaml", "-o", str(precious), "--overwrite")
+    assert_user_error(proc, "not a taskfold run directory")
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_flops_on_a_file_that_is_not_onnx_exits_2(tmp_path: Path):
+    junk = tmp_path / "model.onnx"
+    junk.write_bytes(b"\x00\x01 not a protobuf at all")
+    assert_user_error(run_cli("flops", str(junk)), "not a readable ONNX model")
+
+
+def test_bench_bad_batch_exits_2(demo_bundle: Path):
+    assert_user_error(run_cli("bench", str(demo_bundle), "--batch", "0"), "batch sizes must be >= 1")

@@ -52,3 +52,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("tasks: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.epochs=[", "is not a valid YAML value"),
+    ("train.epochs.x=1", "expected an integer"),
+    ("train.log_every=0", "train.log_every: must be >= 1"),
+    ("model.options=foo", "model.options: expected a mapping"),
+])
+def test_malformed_overrides_are_config_errors(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        config_from_dict(BASE, [override])

@@ -54,3 +54,18 @@ def test_strategy_needing_primary_without_one(tmp_path):
     cfg = config_from_dict({**raw, "weighting": "gcs"})
     with pytest.raises(ConfigError, match="needs `primary:`"):
         setup(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "dmtg", "num_groups": 2, "stem_blocks": 1},
+    {"name": "bmtas", "resource_lambda": 0.1},
+], ids=["dmtg", "bmtas"])
+@pytest.mark.parametrize("strategy", ["uw", "pcgrad", "gcs", "ial"])
+def test_strategies_compose_with_searchable_networks(method, strategy, tmp_path):
+    """The searched networks expose their shared stem/blocks, so gradient strategies apply too."""
+    torch.manual_seed(0)
+    cfg = config_from_dict({**TINY, "method": method, "weighting": strategy})
+    summary = train(cfg, tmp_path)
+    steps = [r for r in RunDir(tmp_path).read_metrics() if r["type"] == "train"]
+    assert steps and all(math.isfinite(r["loss"]) for r in steps)
+    assert set(summary["test"]) == {"seg", "depth"}

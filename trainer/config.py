@@ -65,10 +65,7 @@ class TrainConfig:
     eval_every: int = 1
     log_every: int = 10
     checkpoint_every: int = 1
-    max_steps: int | None = None
     seed: int = 0
-    num_workers: int = 0
-    device: str = "cpu"
     progress: bool = True
 
 
@@ -76,7 +73,6 @@ class TrainConfig:
 class CompileConfig:
     parity_tol: float = 1e-4
     parity_samples: int = 8
-    opset: int = 18
     tensorrt: bool = False
 
 
@@ -145,7 +141,7 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return []
         return [_convert(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
     if tp is dict or origin is dict:
-        if isinstance(value, str):
+        if isinstance(value, str) and where in _NAMED_DEFAULTS:
             return {"name": value}  # `method: shared` is short for `method: {name: shared}`
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {value!r}")
@@ -213,10 +209,15 @@ def _apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=3")
     key, text = assignment.split("=", 1)
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: {text!r} is not a valid YAML value") from None
     node: Any = raw
     parts = key.split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])!r} is not a mapping")
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(f"--set {key}: {part!r} is not an index of that list")
@@ -228,6 +229,8 @@ def _apply_override(raw: dict, assignment: str) -> None:
                 node[part] = {"name": node[part]}
             node = node[part]
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])!r} is not a mapping")
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise ConfigError(f"--set {key}: {last!r} is not an index of that list")
@@ -257,6 +260,8 @@ def _check(cfg: Config, problems: list[str]) -> None:
     positive = {
         "data.size": cfg.data.size, "data.train_size": cfg.data.train_size,
         "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+        "train.log_every": cfg.train.log_every, "train.eval_every": cfg.train.eval_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every, "compile.parity_samples": cfg.compile.parity_samples,
         "model.head_channels": cfg.model.head_channels,
     }
     for path, value in positive.items():

@@ -96,7 +96,7 @@ def setup(cfg: Config, run_dir: str | Path) -> RunState:
     model = method.build(spec, backbone_weights=cfg.model.weights)
     groups = method.param_groups(model)
     if weighting.parameters():
-        groups.append({"params": list(weighting.parameters())})
+        groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0})  # sigmas, GradNorm weights
     optimizer = _make_optimizer(cfg, groups)
     if hasattr(method, "attach_optimizer"):  # optional: methods that reset its state (BMTAS)
         method.attach_optimizer(optimizer)
@@ -194,8 +194,9 @@ def _prefixed(prefix: str, logs: dict) -> dict:
 def fit(state: RunState) -> None:
     cfg = state.cfg
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    steps_per_epoch = math.ceil(len(state.datasets["train"]) / cfg.train.batch_size)
-    total = steps_per_epoch * cfg.train.epochs
+    n = len(state.datasets["train"])
+    weight_samples = n - int(round(n * state.method.arch_fraction))  # as _split_epoch cuts each epoch
+    total = math.ceil(weight_samples / cfg.train.batch_size) * cfg.train.epochs
     step = 0
     for epoch in range(cfg.train.epochs):
         start = time.perf_counter()
@@ -224,3 +225,14 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
     state = setup(cfg, run_dir)
     fit(state)
     return finish(state)
+
+
+def train_stages(cfg: Config, run_dir: str | Path) -> tuple[dict, Path]:
+    """Train a run and every follow-up stage its method asks for (BMTAS: retrain the derived tree
+    in ``run_dir/retrain``); returns the last stage's summary and directory (what to compile)."""
+    run_dir = Path(run_dir)
+    summary = train(cfg, run_dir)
+    while summary["follow_up"] is not None:
+        cfg, run_dir = summary["follow_up"], run_dir / "retrain"
+        summary = train(cfg, run_dir)
+    return summary, run_dir

@@ -138,12 +138,12 @@ class BranchNet(nn.Module):
     def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
         super().__init__()
         backbone = create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights,
-                                   **spec.backbone_options)
+                                   **spec.backbone_options).eval()  # probes below must not touch BN stats
         self.task_names = spec.task_names
         num_tasks, num_layers = len(spec.tasks), len(backbone.blocks)
         self.block_macs = block_macs_table(backbone, spec.backbone, spec.backbone_options, spec.image_size)
         self.stem_macs = count_macs(backbone.stem, torch.zeros(1, 3, spec.image_size, spec.image_size))
-        self.stem = backbone.stem
+        self.stem = backbone.stem.train()
         with torch.no_grad():
             x = backbone.stem(torch.zeros(2, 3, spec.image_size, spec.image_size))
         self.candidates = nn.ModuleList()

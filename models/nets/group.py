@@ -8,7 +8,9 @@ training step; the method weighs task i's loss through branch k by ``Z[i, k]``.
 Efficiency (the paper's own limitation with heavy heads): a global task's K heads are one
 :class:`StackedMLPHead` evaluated in a single batched call, and in training any head whose
 sampled weight is below ``skip_below`` is not run at all (nor a branch no task needs) — its
-contribution to the loss and to the gradient of ``S`` is at most that weight times its loss.
+contribution to the loss and to the gradient of ``S`` is at most that weight times its loss
+(soft sampling only: with ``hard`` sampling every head runs, as the straight-through gradient
+needs all of them).
 :meth:`GroupNet.pruned_network` keeps one head per task and only the branches tasks chose.
 """
 from __future__ import annotations
@@ -95,14 +97,16 @@ class GroupNet(nn.Module):
         """Training: {task: (n_active, B, ...)} outputs of the heads that ran (see ``active``).
         Eval: {task: (B, ...)} through each task's argmax group."""
         x, stem_features = self._stem(image)
-        self.shared_features = [x] if len(self.stem) > 1 else []
+        self.shared_features = [x]
         if not self.training:
             groups = self.assignment()
             feats = {k: self._branch(k, x, stem_features) for k in sorted(set(groups))}
             pooled = {k: f[-1].mean(dim=(2, 3)) for k, f in feats.items()}
             return {t.name: self._heads(t.name, feats, pooled, [k]).squeeze(0) for t, k in zip(self.tasks, groups)}
         z = F.gumbel_softmax(self.group_logits, tau=self.tau, hard=self.hard, dim=1)
-        active = z.detach() >= self.skip_below
+        # hard samples are one-hot in value, yet the straight-through gradient on S needs every
+        # head's loss: nothing may be skipped then
+        active = torch.ones_like(z, dtype=torch.bool) if self.hard else z.detach() >= self.skip_below
         active[torch.arange(len(self.tasks)), z.detach().argmax(dim=1)] = True
         self.assignment_weights, self.active = z, active
         feats = {k: self._branch(k, x, stem_features) for k in active.any(dim=0).nonzero().flatten().tolist()}

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import onnx
 
+from taskfold.runtime.errors import BundleError
 from taskfold.runtime.flops.params import count_params
 from taskfold.runtime.flops.registry import OP_COUNTERS, NodeShapes
 from taskfold.runtime.flops.shapes import resolve_shapes
@@ -39,8 +40,11 @@ def _load(model_or_path: onnx.ModelProto | str | os.PathLike[str]) -> onnx.Model
     if path.is_dir():
         path = path / "model.onnx"
     if not path.is_file():
-        raise ValueError(f"no ONNX file at {path}")
-    return onnx.load(str(path))
+        raise BundleError(f"no ONNX file at {path}")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise BundleError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
 
 
 def _ancestors(graph: onnx.GraphProto, output: str, producer: dict[str, int]) -> set[int]:

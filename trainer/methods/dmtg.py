@@ -75,10 +75,13 @@ class DMTGMethod:
         return model
 
     def param_groups(self, model: GroupNet) -> list[dict]:
-        if self.options.logits_lr is None:
-            return [{"params": list(model.parameters())}]
+        """The logits S in a group of their own: no weight decay (it would pull them back to uniform)
+        and, with ``logits_lr``, their own learning rate."""
         rest = [p for p in model.parameters() if p is not model.group_logits]
-        return [{"params": rest}, {"params": [model.group_logits], "lr": self.options.logits_lr}]
+        logits = {"params": [model.group_logits], "weight_decay": 0.0}
+        if self.options.logits_lr is not None:
+            logits["lr"] = self.options.logits_lr
+        return [{"params": rest}, logits]
 
     def tau_at(self, fraction: float) -> float:
         o = self.options
