@@ -16,6 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from taskfold.trainer.report import REPORT_SECTIONS  # noqa: E402
+from taskfold.trainer.rundir import RunDir  # noqa: E402
+
 
 def plot_tree(tree: list[list[list[str]]], path: str | Path, title: str = "") -> Path:
     """Draw a branching tree (one grouping of task names per layer) into a PNG."""
@@ -81,3 +84,18 @@ def plot_tradeoff(rows: list[TradeoffRow], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+@REPORT_SECTIONS.register("bmtas_retrain")
+def report_section(run: RunDir, records: list[dict]) -> list[str]:
+    """The retrained tree as a picture, with the search run's expected MAdds beside it."""
+    tree = run.load_arch().decision["tree"]
+    plot_tree(tree, run.path / "tree.png", title="BMTAS branching tree")
+    lines = ["## Branching tree (BMTAS)", "", "![tree](tree.png)", ""]
+    search = run.path.parent
+    if (search / "arch.json").is_file():
+        decision = RunDir(search).load_arch().decision
+        if "expected_encoder_macs" in decision:
+            lines += [f"Search run: `{search}`; expected encoder MAdds at read-off "
+                      f"{decision['expected_encoder_macs'] / 1e6:.2f} M.", ""]
+    return lines

@@ -41,6 +41,7 @@ from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
 from taskfold.trainer.methods.plain import per_task_losses
 from taskfold.trainer.rundir import WEIGHTS, RunDir
+from taskfold.trainer import bmtas_report  # noqa: F401  (registers the report section)
 
 TASK_LIMITS = {"exact": MAX_TASKS_EXACT, "paper_chain": MAX_TASKS_PAPER_CHAIN}
 RETRAIN_MODES = ("scratch", "supergraph")
