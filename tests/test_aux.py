@@ -101,3 +101,26 @@ def test_alpha_inits_paper_and_reference():
 def test_lambda_schedules(schedule, fraction, expected):
     lam_max = {"paper": 100.0, "reference": 1000.0}[schedule]
     assert lambda_at(schedule, lam_max, fraction) == pytest.approx(expected)
+
+
+def test_branches_initialise_from_single_task_runs(tmp_path):
+    """`method.init_from` loads each branch (backbone + head) from a finished single-task run."""
+    from safetensors.torch import load_file
+
+    from taskfold.trainer.config import config_from_dict
+    from taskfold.trainer.loop import setup, train
+
+    tiny = {"data": {"size": 32, "train_size": 8, "val_size": 2, "test_size": 2},
+            "model": {"backbone": "resnet10", "head_channels": 8},
+            "train": {"epochs": 1, "batch_size": 4, "progress": False}}
+    train(config_from_dict({**tiny, "method": "single", "tasks": [{"name": "normals", "kind": "normals"}]}),
+          tmp_path / "single_normals")
+    cfg = config_from_dict({**tiny, "primary": "seg",
+                            "tasks": [{"name": "seg", "kind": "segmentation"}, {"name": "normals", "kind": "normals"}],
+                            "method": {"name": "aux_nas", "init_from": {"normals": str(tmp_path / "single_normals")}}})
+    model = setup(cfg, tmp_path / "aux").model
+    saved = load_file(str(tmp_path / "single_normals" / "checkpoints" / "last" / "model.safetensors"))
+    branch = model.branches[model.task_order.index("normals")].state_dict()
+    assert all(torch.equal(branch[k], saved[f"nets.normals.backbone.{k}"]) for k in branch)
+    head = model.heads[model.task_order.index("normals")].state_dict()
+    assert all(torch.equal(head[k], saved[f"nets.normals.heads.normals.{k}"]) for k in head)

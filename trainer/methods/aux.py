@@ -34,6 +34,10 @@ def lambda_at(schedule: str, lambda_max: float, fraction: float) -> float:
     return lambda_max * min(1.0, (fraction - 0.5) / 0.3)
 
 
+def _strip_prefix(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def init_branches_from_runs(model: AuxNet, init_from: dict[str, str]) -> None:
     """Load each named branch (backbone + head) from a finished ``single`` or ``shared`` run."""
     for task, run_dir in init_from.items():
@@ -44,10 +48,9 @@ def init_branches_from_runs(model: AuxNet, init_from: dict[str, str]) -> None:
             raise ConfigError(f"method.init_from.{task}: no checkpoint at {path}")
         state = load_file(str(path))
         b = model.task_order.index(task)
-        for prefix in (f"nets.{task}.", ""):
-            backbone = {k[len(prefix) + 9:]: v for k, v in state.items() if k.startswith(prefix + "backbone.")}
-            head = {k[len(prefix) + 7 + len(task) + 1:]: v for k, v in state.items()
-                    if k.startswith(f"{prefix}heads.{task}.")}
+        for prefix in (f"nets.{task}.", ""):  # a `single` run nests each task's net; `shared` does not
+            backbone = _strip_prefix(state, f"{prefix}backbone.")
+            head = _strip_prefix(state, f"{prefix}heads.{task}.")
             if backbone and head:
                 model.branches[b].load_state_dict(backbone)
                 model.heads[b].load_state_dict(head)
