@@ -81,7 +81,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_aux_nas_run_compiles_with_force_through_the_cli(tmp_path):
     run = tmp_path / "aux"
     sets = ["data.size=32", "data.train_size=16", "data.val_size=4", "data.test_size=4", "train.epochs=1",
-            "train.batch_size=8", "model.backbone=resnet10", "model.head_channels=8"]
+            "train.batch_size=8", "model.backbone=resnet10", "model.head_channels=8",
+            "method.alpha_p_init=0.5"]  # the paper's init: after one tiny epoch alpha^P is still ~0.5
     args = ["train", "configs/aux_nas_seg_normals.yaml", "-o", str(run), "--quiet"]
     for s in sets:
         args += ["--set", s]
@@ -110,3 +111,20 @@ def test_bad_aux_recipes_exit_2(recipe, fragment, tmp_path):
     proc = _cli("train", str(path), "-o", str(tmp_path / "run"))
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_aux_nas_recipe_runs_end_to_end_in_one_command(tmp_path):
+    """`taskfold run` on the recipe: search → strip → bundle → bench → report, no --force needed."""
+    run = tmp_path / "run"
+    sets = ["data.size=32", "data.train_size=16", "data.val_size=4", "data.test_size=4", "train.epochs=2",
+            "train.batch_size=8", "model.head_channels=8", "bench.iters=2", "bench.warmup=1"]
+    args = ["run", "configs/aux_nas_seg_normals.yaml", "-o", str(run), "--quiet"]
+    for s in sets:
+        args += ["--set", s]
+    proc = _cli(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["seg"]
+    assert manifest["compile"]["max_alpha_aux_to_primary"] <= 0.01 and not manifest["compile"]["strip_forced"]
+    report = (run / "report.md").read_text()
+    assert "Architecture parameters" in report and "auxiliary branch normals" in report

@@ -23,17 +23,17 @@ def plot_training_curves(records: list[dict], path: Path) -> Path:
 
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "epoch" and "val" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    tasks = list(evals[0]["val"]) if evals else []
+    fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(4.2 * (1 + len(tasks)), 3.4), squeeze=False)
+    axes = axes[0]
     for task in (train[0]["losses"] if train else {}):
         axes[0].plot([r["step"] for r in train], [r["losses"][task] for r in train], label=task)
     axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
     axes[0].legend()
-    for task, metrics in (evals[0]["val"] if evals else {}).items():
-        metric = next(iter(metrics))
-        axes[1].plot([r["epoch"] + 1 for r in evals], [r["val"][task][metric] for r in evals],
-                     marker="o", label=f"{task} {metric}")
-    axes[1].set(xlabel="epoch", title="validation")
-    axes[1].legend(fontsize=8)
+    for ax, task in zip(axes[1:], tasks):  # one panel per task: metrics live on different scales
+        metric = next(iter(evals[0]["val"][task]))
+        ax.plot([r["epoch"] + 1 for r in evals], [r["val"][task][metric] for r in evals], marker="o")
+        ax.set(xlabel="epoch", title=f"validation {task} {metric}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
