@@ -165,3 +165,20 @@ def test_bad_dmtg_inputs_exit_2(extra, fragment, tmp_path):
     proc = _cli("train", str(recipe), "-o", str(tmp_path / "run"))
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_report_shows_the_assignment_heatmap(tmp_path):
+    from taskfold.trainer.config import config_from_dict
+    from taskfold.trainer.loop import train
+    from taskfold.trainer.report import write_report
+    from taskfold.trainer.rundir import RunDir
+
+    cfg = config_from_dict({"method": {"name": "dmtg", "num_groups": 2, "stem_blocks": 1},
+                            "tasks": [{"name": "seg", "kind": "segmentation"}, {"name": "depth", "kind": "depth"},
+                                      {"name": "scene", "kind": "classification"}],
+                            "data": {"size": 32, "train_size": 8, "val_size": 2, "test_size": 2},
+                            "model": {"backbone": "resnet10", "head_channels": 8},
+                            "train": {"epochs": 1, "batch_size": 4, "progress": False}})
+    summary = train(cfg, tmp_path)
+    report = write_report(RunDir(tmp_path), summary=summary).read_text()
+    assert "## Task groups (DMTG)" in report and (tmp_path / "groups.png").stat().st_size > 0

@@ -11,19 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from taskfold.trainer.report import REPORT_SECTIONS  # noqa: E402
-from taskfold.trainer.rundir import RunDir  # noqa: E402
+from taskfold.trainer.report import REPORT_SECTIONS, pyplot
+from taskfold.trainer.rundir import RunDir
 
 
 def plot_tree(tree: list[list[list[str]]], path: str | Path, title: str = "") -> Path:
     """Draw a branching tree (one grouping of task names per layer) into a PNG."""
     tasks = [name for group in tree[0] for name in group]
     lane = {name: i for i, name in enumerate(tasks)}
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tree), 0.8 + 0.6 * len(tasks)))
     previous = {name: (len(tasks) - 1) / 2 for name in tasks}  # every task leaves the stem
     for layer, grouping in enumerate(tree):
@@ -71,6 +67,7 @@ def tradeoff_table(rows: list[TradeoffRow]) -> str:
 
 def plot_tradeoff(rows: list[TradeoffRow], path: str | Path) -> Path:
     """Scatter of MAdds (x) against Δm (y), each point labelled with its model."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for r in rows:
         marker = "o" if r.branches_per_layer else "s"

@@ -14,12 +14,19 @@ from taskfold.trainer.rundir import RunDir
 REPORT_SECTIONS: Registry = Registry("report section")
 
 
-def plot_training_curves(records: list[dict], path: Path) -> Path:
-    """Per-task training loss against step, and each task's main validation metric per epoch."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported on first use (light start-up)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(records: list[dict], path: Path) -> Path:
+    """Per-task training loss against step, and each task's main validation metric per epoch."""
+    plt = pyplot()
 
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "epoch" and "val" in r]
@@ -42,10 +49,7 @@ def plot_training_curves(records: list[dict], path: Path) -> Path:
 
 def plot_series(records: list[dict], prefix: str, path: Path, title: str) -> Path | None:
     """Every logged ``prefix/<name>`` value against step (task weights, sigmas, alphas); None if none."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     train = [r for r in records if r.get("type") == "train"]
     keys = sorted({k for r in train for k in r if k.startswith(prefix + "/")})

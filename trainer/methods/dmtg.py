@@ -21,7 +21,7 @@ from taskfold.models.nets import build_network
 from taskfold.models.nets.group import GroupNet
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.methods.base import METHODS, Progress
-from taskfold.trainer.report import REPORT_SECTIONS
+from taskfold.trainer.report import REPORT_SECTIONS, pyplot
 from taskfold.trainer.rundir import RunDir
 
 
@@ -123,10 +123,7 @@ class DMTGMethod:
 @REPORT_SECTIONS.register("dmtg")
 def report_section(run: RunDir, records: list[dict]) -> list[str]:
     """The N×K assignment probabilities at the end (heatmap) and over training, and the groups."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     decision = run.load_arch().decision
     names = list(decision["probabilities"])
