@@ -3,13 +3,12 @@ strip while the primary still leans on auxiliary features, and records what it r
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_runner import run_cli
 from taskfold.compiler.bundle import write_bundle
 from taskfold.compiler.errors import CompileError
 from taskfold.compiler.strip_aux import strip_aux
@@ -74,9 +73,6 @@ def test_run_of_another_method_is_refused():
         strip_aux(model, spec("shared", [SEG, NORMALS]), reference_inputs=torch.randn(1, 3, SIZE, SIZE))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "taskfold.cli", *args], capture_output=True, text=True, timeout=600)
-
 
 def test_aux_nas_run_compiles_with_force_through_the_cli(tmp_path):
     run = tmp_path / "aux"
@@ -86,10 +82,10 @@ def test_aux_nas_run_compiles_with_force_through_the_cli(tmp_path):
     args = ["train", "configs/aux_nas_seg_normals.yaml", "-o", str(run), "--quiet"]
     for s in sets:
         args += ["--set", s]
-    assert _cli(*args).returncode == 0
-    refused = _cli("compile", str(run))
+    assert run_cli(*args).returncode == 0
+    refused = run_cli("compile", str(run))
     assert refused.returncode == 2 and "strip_threshold" in refused.stderr and "Traceback" not in refused.stderr
-    assert _cli("compile", str(run), "--force").returncode == 0
+    assert run_cli("compile", str(run), "--force").returncode == 0
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
     assert [t["name"] for t in manifest["tasks"]] == ["seg"]
     assert manifest["compile"]["strip_forced"] is True and "strip_drift_max_abs" in manifest["compile"]
@@ -108,7 +104,7 @@ def test_aux_nas_run_compiles_with_force_through_the_cli(tmp_path):
 def test_bad_aux_recipes_exit_2(recipe, fragment, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(recipe + "data: {train_size: 8, val_size: 2, test_size: 2, size: 32}\n")
-    proc = _cli("train", str(path), "-o", str(tmp_path / "run"))
+    proc = run_cli("train", str(path), "-o", str(tmp_path / "run"))
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -121,7 +117,7 @@ def test_aux_nas_recipe_runs_end_to_end_in_one_command(tmp_path):
     args = ["run", "configs/aux_nas_seg_normals.yaml", "-o", str(run), "--quiet"]
     for s in sets:
         args += ["--set", s]
-    proc = _cli(*args)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
     assert [t["name"] for t in manifest["tasks"]] == ["seg"]

@@ -2,35 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
+from cli_runner import assert_user_error, run_cli
 from taskfold.cli.main import main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The installed console entry point in a fresh process (what a user types)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "taskfold.cli", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=600)
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr  # one line, no traceback
-    assert fragment in lines[0]
-    assert "Traceback" not in proc.stderr
-
 
 def test_demo_bundle_matches_pytorch_and_has_no_batchnorm(demo_bundle: Path):
     manifest = json.loads((demo_bundle / "manifest.json").read_text())

@@ -3,14 +3,13 @@ call, N outputs, parity with PyTorch) and its MACs against a count made by hand.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from cli_runner import run_cli
 from taskfold.compiler.bundle import write_bundle
 from taskfold.compiler.strip_group import strip_group
 from taskfold.models.arch import ArchSpec, TaskHead
@@ -143,9 +142,6 @@ def test_bad_group_counts(options, fragment):
         create_method({"name": "dmtg", **options})
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "taskfold.cli", *args], capture_output=True, text=True, timeout=600)
-
 
 @pytest.mark.parametrize("extra, fragment", [
     ("tasks: [{name: a, kind: classification, options: {target: nope}}, {name: b, kind: segmentation}]\n",
@@ -162,7 +158,7 @@ def test_bad_dmtg_inputs_exit_2(extra, fragment, tmp_path):
     if "data:" not in text:
         text += "data: {train_size: 8, val_size: 2, test_size: 2, size: 32}\n"
     recipe.write_text(text)
-    proc = _cli("train", str(recipe), "-o", str(tmp_path / "run"))
+    proc = run_cli("train", str(recipe), "-o", str(tmp_path / "run"))
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 

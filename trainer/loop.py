@@ -129,10 +129,15 @@ def evaluate(model: nn.Module, dataset, tasks: list, batch_size: int = 64) -> di
     return {name: {**meter.compute(), "loss": loss_sums[name] / len(dataset)} for name, meter in meters.items()}
 
 
+def _arch_samples(n: int, arch_fraction: float) -> int:
+    """How many of an epoch's ``n`` training samples go to architecture steps."""
+    return int(round(n * arch_fraction))
+
+
 def _split_epoch(n: int, arch_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh random split of the training indices into (weight part, architecture part)."""
     perm = torch.randperm(n, generator=generator)
-    n_arch = int(round(n * arch_fraction))
+    n_arch = _arch_samples(n, arch_fraction)
     return perm[n_arch:], perm[:n_arch]
 
 
@@ -195,7 +200,7 @@ def fit(state: RunState) -> None:
     cfg = state.cfg
     generator = torch.Generator().manual_seed(cfg.train.seed)
     n = len(state.datasets["train"])
-    weight_samples = n - int(round(n * state.method.arch_fraction))  # as _split_epoch cuts each epoch
+    weight_samples = n - _arch_samples(n, state.method.arch_fraction)
     total = math.ceil(weight_samples / cfg.train.batch_size) * cfg.train.epochs
     step = 0
     for epoch in range(cfg.train.epochs):
