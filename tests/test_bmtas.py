@@ -228,3 +228,14 @@ def test_report_draws_tree_and_tabulates_tradeoff(tmp_path: Path) -> None:
     assert plot_tradeoff(rows, tmp_path / "t.png").is_file()
     assert tradeoff_table(rows).splitlines()[2:] == ["| single | 73.5 | +0.00 | — |",
                                                      "| λ=0 | 40.0 | -1.23 | 1 2 3 4 |"]
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_alpha_optimizer_state_is_reset_at_every_epoch_unless_disabled(reset: bool) -> None:
+    method = create_method({"name": "bmtas", "warmup_fraction": 0.0, "reset_alpha_optimizer": reset})
+    net = method.build(make_spec("bmtas", ["seg", "depth"]), backbone_weights=None)
+    net.alpha.grad = torch.ones_like(net.alpha)
+    method.alpha_optimizer.step()
+    assert method.alpha_optimizer.state
+    method.start_epoch(net, Progress(1, 2, 5, 10))
+    assert bool(method.alpha_optimizer.state) is not reset

@@ -12,7 +12,22 @@ Search schedule on the one training loop (progress = fraction of all weight step
   look-up table and ``M_shared = sum_l c_l`` (one encoder's MAdds): the resource term is in
   "encoders", between 1 (fully shared) and T (separate), so lambda does not depend on the
   backbone or resolution;
-- tau falls linearly from ``tau_start`` to ``tau_end`` over the search (after warm-up).
+- tau falls linearly from ``tau_start`` to ``tau_end`` over the search (after warm-up);
+- ``reset_alpha_optimizer`` (default on, as the reference code's ``optimizer_arch.state =
+  defaultdict(dict)`` before every alpha phase): the alpha Adam state is cleared at the start of
+  every epoch (one alpha phase per epoch, its steps interleaved with the weight steps).
+
+Why the alpha Adam state is reset. The resource loss is a coordination game: at any point where
+all tasks hold the same routing distribution its gradient is zero along every direction that
+would make them *choose* one of the copies they agree on (by symmetry), and that point is
+unstable but flat. Adam moves coordinates whose gradients share a sign by about ``alpha_lr``
+each, whatever their magnitudes, so two copies that rise together stay tied; once the others
+have lost their mass, the tie-breaking gradient (proportional to the small difference between
+the tied copies) is divided by a second-moment estimate that still remembers the large
+gradients of the first steps (``beta2 = 0.999``: hundreds of steps of memory, more than a
+CPU-sized search makes), and the tie never resolves. That left large-lambda searches with every
+task at 0.49 / 0.49 between two copies and the per-task argmax splitting on noise. A fresh Adam
+state each epoch gives the tie-breaking direction full-size steps again.
 
 BatchNorm around alpha steps: the step uses batch statistics and leaves running statistics
 untouched (tracking off); afterwards every running statistic is reset, so the weight steps that
@@ -61,6 +76,7 @@ class BMTASSearch:
         resource_estimator: str = "exact"
         retrain: str = "scratch"
         retrain_epochs: int | None = None
+        reset_alpha_optimizer: bool = True
 
     def __init__(self, options: Options) -> None:
         o = options
@@ -127,6 +143,8 @@ class BMTASSearch:
 
     def start_epoch(self, model: BranchNet, progress: Progress) -> dict[str, float]:
         self._sync(model, progress)
+        if self.options.reset_alpha_optimizer and self.alpha_optimizer is not None:
+            self.alpha_optimizer.state.clear()
         return {"tau": model.tau, "warmup": float(model.warmup), "arch_changes": float(self.arch_changes)}
 
     def task_losses(self, model, outputs, targets, tasks) -> dict[str, torch.Tensor]:
