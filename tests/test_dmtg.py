@@ -16,7 +16,9 @@ from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.nets import build_network
 from taskfold.runtime import load
 from taskfold.trainer.config import ConfigError
+from taskfold.trainer.data.base import DatasetInfo
 from taskfold.trainer.methods import create_method
+from taskfold.trainer.tasks import create_task
 
 SIZE = 32
 TASKS = [TaskHead(f"t{i}", "classification", "global", 2 + i) for i in range(5)]
@@ -54,7 +56,7 @@ def test_loss_is_gumbel_weighted_sum_over_heads_that_ran():
     model.train()
     images = torch.randn(4, 3, SIZE, SIZE)
     targets = {"classification": torch.zeros(4, dtype=torch.long)}
-    tasks = [_Task(t.name) for t in TASKS]
+    tasks = [classification_task(t.name, t.out_channels) for t in TASKS]
     out = model(images)
     assert all(out[t.name].shape[0] == 3 for t in TASKS)  # every head ran (nothing skipped)
     losses = method.task_losses(model, out, targets, tasks)
@@ -65,12 +67,43 @@ def test_loss_is_gumbel_weighted_sum_over_heads_that_ran():
     assert torch.allclose(z.sum(dim=1), torch.ones(len(TASKS)))
 
 
-class _Task:
-    def __init__(self, name: str) -> None:
-        self.name, self.target = name, "classification"
+def classification_task(name: str, classes: int):
+    info = DatasetInfo((SIZE, SIZE), (0.0,) * 3, (1.0,) * 3, {"classification": {"classes": classes}})
+    return create_task(name, "classification", info)
 
-    def loss(self, pred, target):
-        return nn.functional.cross_entropy(pred, target)
+
+@pytest.mark.parametrize("head_hidden", [16, 0])
+def test_hard_sampling_gradients_equal_every_head_with_autograd(head_hidden):
+    """Hard sampling scores the unchosen heads without autograd; every gradient (weights and S)
+    must equal the plain computation that back-propagates through all K·N heads."""
+    spec, model = group_net(hard=True, tau=1.0, head_hidden=head_hidden)
+    method = create_method({"name": "dmtg", "num_groups": 3, "stem_blocks": 1, "hard": True})
+    tasks = [classification_task(t.name, t.out_channels) for t in TASKS]
+    images, targets = torch.randn(4, 3, SIZE, SIZE), {"classification": torch.randint(0, 2, (4,))}
+    with torch.no_grad():  # copies start identical (as in the paper): make them differ
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+        model.group_logits.normal_()
+    model.train()
+
+    torch.manual_seed(1)
+    sum(method.task_losses(model, model(images), targets, tasks).values()).backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(1)  # the same Gumbel draw, then every head and branch with autograd
+    z = nn.functional.gumbel_softmax(model.group_logits, tau=1.0, hard=True, dim=1)
+    x, stem_features = model._stem(images)
+    feats = {k: model._branch(k, x, stem_features) for k in range(3)}
+    pooled = {k: f[-1].mean(dim=(2, 3)) for k, f in feats.items()}
+    total = sum(z[i, k] * task.loss(model._heads(task.name, feats, pooled, [0, 1, 2])[k], targets["classification"])
+                for i, task in enumerate(tasks) for k in range(3))
+    total.backward()
+    plain = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert fast["group_logits"].abs().sum() > 0
+    assert fast.keys() < plain.keys()  # unchosen heads and branches: no grad, so the optimiser skips them
+    for name, grad in plain.items():
+        assert torch.allclose(fast.get(name, torch.zeros_like(grad)), grad, atol=1e-6), name
 
 
 def test_negligible_heads_and_unused_branches_are_skipped():
@@ -80,6 +113,15 @@ def test_negligible_heads_and_unused_branches_are_skipped():
     model.train()
     out = model(torch.randn(2, 3, SIZE, SIZE))
     assert model.active.sum() == 5 and model.active[:, 0].all()
+    assert all(v.shape[0] == 1 for v in out.values())
+
+
+def test_a_fixed_grouping_runs_only_the_chosen_heads_even_with_hard_sampling():
+    _, model = group_net(hard=True)
+    model.fix_assignment([0, 2, 2, 0, 0])  # frozen logits: no straight-through gradient to feed
+    model.train()
+    out = model(torch.randn(2, 3, SIZE, SIZE))
+    assert model.active.sum() == 5 and model.active[:, 1].sum() == 0
     assert all(v.shape[0] == 1 for v in out.values())
 
 
@@ -178,3 +220,74 @@ def test_report_shows_the_assignment_heatmap(tmp_path):
     summary = train(cfg, tmp_path)
     report = write_report(RunDir(tmp_path), summary=summary).read_text()
     assert "## Task groups (DMTG)" in report and (tmp_path / "groups.png").stat().st_size > 0
+
+
+def _tiny_config(method: dict, **extra):
+    from taskfold.trainer.config import config_from_dict
+
+    return config_from_dict({"method": method, **extra,
+                             "tasks": [{"name": "seg", "kind": "segmentation"}, {"name": "depth", "kind": "depth"},
+                                       {"name": "scene", "kind": "classification"}],
+                             "data": {"size": 32, "train_size": 8, "val_size": 4, "test_size": 2},
+                             "model": {"backbone": "resnet10", "head_channels": 8},
+                             "train": {"epochs": 1, "batch_size": 4, "progress": False}})
+
+
+def test_init_from_naive_mtl_reproduces_it_then_fine_tune_keeps_the_read_off(tmp_path):
+    """A GroupNet started from a naive-MTL run answers every task exactly as that run does (all
+    branches are its encoder, all head copies its heads); the fine-tune stage trains the read-off
+    groups, frozen, from the search's weights; the report compares it with the naive-MTL run."""
+    from taskfold.trainer.loop import setup, train, train_stages
+    from taskfold.trainer.report import write_report
+    from taskfold.trainer.rundir import RunDir
+
+    train(_tiny_config("shared"), tmp_path / "mtl")
+    shared = build_network(RunDir(tmp_path / "mtl").load_arch())
+    RunDir(tmp_path / "mtl").load_weights(shared)
+    method = {"name": "dmtg", "num_groups": 2, "stem_blocks": 1, "head_hidden": 0,
+              "init_from": str(tmp_path / "mtl"), "finetune_epochs": 1}
+    state = setup(_tiny_config(method), tmp_path / "probe")
+    images = state.datasets["val"].images
+    with torch.no_grad():
+        expected, got = shared.eval()(images), state.model.eval()(images)
+    for task in expected:
+        assert torch.allclose(got[task], expected[task], atol=1e-5), task
+
+    baseline = {"report": {"baseline": str(tmp_path / "mtl")}}
+    summary, last = train_stages(_tiny_config(method, **baseline), tmp_path / "dmtg")
+    search = RunDir(tmp_path / "dmtg").load_arch().decision["assignment"]
+    finetuned = RunDir(last).load_arch()
+    assert last == tmp_path / "dmtg" / "retrain"
+    assert finetuned.options["assignment"] == "fixed"
+    assert finetuned.decision["assignment"] == search
+    assert summary["test"].keys() == {"seg", "depth", "scene"}
+
+    naive = [r for r in RunDir(tmp_path / "mtl").read_metrics() if r.get("type") == "test"][-1]["test"]
+    gain = 100 * sum((naive[t]["loss"] - summary["test"][t]["loss"]) / naive[t]["loss"] for t in naive) / 3
+    report = write_report(RunDir(last), summary=summary).read_text()
+    assert f"| NormGain_L (test losses) | {gain:+.2f} % |" in report
+
+
+def test_report_baseline_must_be_a_finished_run_of_the_same_tasks(tmp_path):
+    from taskfold.trainer.loop import setup, train
+
+    with pytest.raises(ConfigError, match="report.baseline: .* is not a finished run"):
+        setup(_tiny_config("shared", report={"baseline": str(tmp_path / "nothing")}), tmp_path / "a")
+    other = _tiny_config("shared")
+    other.tasks = other.tasks[:2]
+    train(other, tmp_path / "two_tasks")
+    with pytest.raises(ConfigError, match="report.baseline: the run at .* has no results for task 'scene'"):
+        setup(_tiny_config("shared", report={"baseline": str(tmp_path / "two_tasks")}), tmp_path / "b")
+
+
+@pytest.mark.parametrize("method, fragment", [
+    ({"assignment": "fixed"}, "method.groups: give it exactly when method.assignment is fixed"),
+    ({"assignment": "fixed", "groups": [0, 5, 1]}, "method.groups: needs one group in [0, 1]"),
+    ({"init_from": "/nonexistent/run"}, "method.init_from: no checkpoint at /nonexistent/run"),
+    ({"finetune_epochs": -1}, "method.finetune_epochs: must be >= 0"),
+])
+def test_bad_fine_tune_and_init_options(method, fragment, tmp_path):
+    from taskfold.trainer.loop import setup
+
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        setup(_tiny_config({"name": "dmtg", "num_groups": 2, **method}), tmp_path / "run")

@@ -182,6 +182,17 @@ def test_classification_l2_to_soft_labels():
     assert task.loss(torch.zeros(1, 7), soft).item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("loss, soft", [("ce", False), ("ce", True), ("l2", False), ("l2", True)])
+def test_classification_copy_losses_equal_one_loss_call_per_copy(loss, soft):
+    """DMTG's batched scoring of K head copies against one label is K separate losses."""
+    torch.manual_seed(0)
+    task = create_task("cls", "classification", INFO, loss=loss)
+    preds = torch.randn(3, 5, 7)
+    target = torch.softmax(torch.randn(5, 7), dim=1) if soft else torch.randint(0, 7, (5,))
+    expected = torch.stack([task.loss(p, target) for p in preds])
+    assert torch.allclose(task.copy_losses(preds, target), expected, atol=1e-6)
+
+
 def test_attributes_error_and_column_selection():
     task = create_task("attr", "attributes", INFO, select=[0, 2])
     assert task.out_channels == 2 and task.output == "global"

@@ -20,6 +20,7 @@ from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.trainer.config import Config, ConfigError
 from taskfold.trainer.data import create_dataset
 from taskfold.trainer.methods import Method, Progress, create_method
+from taskfold.trainer.report import baseline_results
 from taskfold.trainer.rundir import RunDir
 from taskfold.trainer.tasks import create_task
 from taskfold.trainer.weighting import StepContext, create_weighting
@@ -69,18 +70,27 @@ def build_spec(cfg: Config, tasks: list) -> ArchSpec:
     )
 
 
-def _make_optimizer(cfg: Config, params: list[dict]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, params: list[dict]) -> torch.optim.Optimizer:
+    """The weight optimiser of ``cfg.train`` (see :func:`create_optimizer`)."""
     t = cfg.train
     for group in params:  # a method may scale train.lr per group (BMTAS divides shared blocks' lr)
         if "lr_scale" in group:
             group["lr"] = t.lr * group.pop("lr_scale")
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
-    raise ConfigError(f"train.optimizer: unknown optimizer {t.optimizer!r}; available: adam, adamw, sgd")
+    return create_optimizer(t.optimizer, params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def create_optimizer(name: str, params: list[dict], *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``adam``, ``adamw`` or ``sgd`` (momentum 0.9). Adam and AdamW use the fused kernel (one pass
+    over each parameter, on the CPU too): their per-parameter update otherwise costs a chain of
+    elementwise ops, which dominates a step when a network has many parameters per MAC (DMTG's
+    K·N MLP heads: a third of the step at N = 40, see benchmarks/bench_dmtg.py)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ConfigError(f"train.optimizer: unknown optimizer {name!r}; available: adam, adamw, sgd")
 
 
 def setup(cfg: Config, run_dir: str | Path) -> RunState:
@@ -93,11 +103,13 @@ def setup(cfg: Config, run_dir: str | Path) -> RunState:
     weighting = create_weighting(cfg.weighting, tasks=spec.task_names,
                                  primary=[cfg.primary] if cfg.primary else spec.task_names,
                                  task_weights={t.name: t.weight for t in cfg.tasks})
+    if cfg.report.baseline is not None:  # refuse now rather than after training
+        baseline_results(cfg.report.baseline, spec.task_names)
     model = method.build(spec, backbone_weights=cfg.model.weights)
     groups = method.param_groups(model)
     if weighting.parameters():
         groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0})  # sigmas, GradNorm weights
-    optimizer = _make_optimizer(cfg, groups)
+    optimizer = make_optimizer(cfg, groups)
     if hasattr(method, "attach_optimizer"):  # optional: methods that reset its state (BMTAS)
         method.attach_optimizer(optimizer)
     run = RunDir(run_dir)

@@ -1,8 +1,16 @@
-"""K copies of a global (pool + MLP) head evaluated in one batched call.
+"""K copies of a global (pool + MLP) head, evaluated in one batched call.
 
-DMTG gives every task a head in every group branch (K·N heads). Calling them one by one is the
-paper's stated bottleneck; here a task's K heads are one module whose weights are stacked along
-a leading copy axis, so any subset of copies runs as two ``einsum`` calls.
+DMTG gives every task a head in every group branch (K·N heads), the paper's stated bottleneck
+when heads are heavy. Here a task's K heads are one module: one call runs whichever copies the
+step needs (a few ``addmm`` on pooled features, no module dispatch per head), the pooled input
+is computed once per branch for all tasks, and copies the step does not need are not run.
+
+Each copy owns its parameters (``copy_weights[c][layer]``, ``copy_biases[c][layer]``) rather than
+sharing one stacked tensor: a copy that did not run in a step (skipped, or scored without
+autograd under hard sampling) then has no gradient, and the optimiser leaves it alone, as PyTorch
+does with any parameter whose ``grad`` is None. With heavy heads that is most of the step: the
+optimiser's work grows with the parameters it updates, and MLP heads on pooled features have as
+many parameters as MACs per image.
 """
 from __future__ import annotations
 
@@ -13,32 +21,46 @@ from torch import Tensor, nn
 
 
 class StackedMLPHead(nn.Module):
-    """``copies`` independent heads: global average pool → [Linear → ReLU] → Linear."""
+    """``copies`` heads: global average pool → [Linear → ReLU] → Linear, all initialised alike (the
+    paper copies a task's head K times so that it starts identical in every group)."""
 
     def __init__(self, copies: int, in_channels: int, out_channels: int, hidden: int = 0) -> None:
         super().__init__()
         dims = [in_channels] + ([hidden] if hidden > 0 else []) + [out_channels]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
+        weights, biases = [], []
         for fan_in, fan_out in zip(dims[:-1], dims[1:]):
-            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation, per copy
-            self.weights.append(nn.Parameter(torch.empty(copies, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(copies, fan_out).uniform_(-bound, bound)))
+            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation
+            weights.append(torch.empty(fan_in, fan_out).uniform_(-bound, bound))
+            biases.append(torch.empty(fan_out).uniform_(-bound, bound))
+        self.copy_weights = nn.ModuleList(
+            nn.ParameterList(nn.Parameter(w.clone()) for w in weights) for _ in range(copies))
+        self.copy_biases = nn.ModuleList(
+            nn.ParameterList(nn.Parameter(b.clone()) for b in biases) for _ in range(copies))
 
-    def forward(self, pooled: Tensor, copies: Tensor | None = None) -> Tensor:
-        """``pooled`` (C, B, in): copy c's input; ``copies`` selects which C copies run → (C, B, out)."""
-        x = pooled
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            if copies is not None:
-                w, b = w[copies], b[copies]
-            x = torch.einsum("cbi,cio->cbo", x, w) + b[:, None, :]
-            if layer < len(self.weights) - 1:
-                x = torch.relu(x)
-        return x
+    @property
+    def num_layers(self) -> int:
+        return len(self.copy_weights[0])
+
+    def forward(self, pooled: Tensor, copies: list[int]) -> Tensor:
+        """``pooled`` (C, B, in): the input of each of the C ``copies`` that run → (C, B, out).
+
+        One ``addmm`` per copy and layer on its own weights: stacking the weights for a single
+        batched matmul would copy every running copy's parameters each step, which costs more
+        than the matmuls themselves once heads are heavy (B is a training batch, not a large M).
+        """
+        outputs = []
+        for x, c in zip(pooled, copies):
+            for layer, (w, b) in enumerate(zip(self.copy_weights[c], self.copy_biases[c])):
+                x = torch.addmm(b, x, w)
+                if layer < self.num_layers - 1:
+                    x = torch.relu(x)
+            outputs.append(x)
+        return torch.stack(outputs)
 
     def copy_as_head(self, k: int) -> "PooledMLPHead":
         """Copy ``k`` as a stand-alone head (what inference keeps)."""
-        return PooledMLPHead([w[k].detach().clone() for w in self.weights], [b[k].detach().clone() for b in self.biases])
+        return PooledMLPHead([w.detach().clone() for w in self.copy_weights[k]],
+                             [b.detach().clone() for b in self.copy_biases[k]])
 
 
 class PooledMLPHead(nn.Module):

@@ -6,11 +6,14 @@ for every task). Group logits ``S`` (N×K, zeros = uniform) are sampled with Gum
 training step; the method weighs task i's loss through branch k by ``Z[i, k]``.
 
 Efficiency (the paper's own limitation with heavy heads): a global task's K heads are one
-:class:`StackedMLPHead` evaluated in a single batched call, and in training any head whose
-sampled weight is below ``skip_below`` is not run at all (nor a branch no task needs) — its
-contribution to the loss and to the gradient of ``S`` is at most that weight times its loss
-(soft sampling only: with ``hard`` sampling every head runs, as the straight-through gradient
-needs all of them).
+:class:`StackedMLPHead`, run by one call on the branches' pooled features (pooled once per branch
+for all tasks). In training with soft sampling any head whose sampled weight is below
+``skip_below`` is not run at all (nor a branch no task needs): its contribution to the loss and
+to the gradient of ``S`` is at most that weight times its loss. With ``hard`` sampling every head
+runs, as the straight-through gradient on ``S`` needs every head's loss, but only as a value: the
+heads and branches no task chose run without autograd, so the backward pass costs what the
+chosen heads cost. Heads that did not run with autograd have no gradient, so the optimiser skips
+them too (each head copy owns its parameters).
 :meth:`GroupNet.pruned_network` keeps one head per task and only the branches tasks chose.
 """
 from __future__ import annotations
@@ -61,11 +64,10 @@ class GroupNet(nn.Module):
         for t in spec.tasks:
             if t.output == "global":
                 self.heads[t.name] = StackedMLPHead(self.num_groups, info[-1].num_chs, t.out_channels, hidden)
-            else:
-                self.heads[t.name] = nn.ModuleList([
-                    create_head(default_head(spec.backbone, t.output), info, t.out_channels,
-                                channels=spec.head_channels, output_size=size)
-                    for _ in range(self.num_groups)])
+            else:  # K identical copies, as the paper initialises a task's head in every group
+                head = create_head(default_head(spec.backbone, t.output), info, t.out_channels,
+                                   channels=spec.head_channels, output_size=size)
+                self.heads[t.name] = nn.ModuleList([copy.deepcopy(head) for _ in range(self.num_groups)])
         self.group_logits = nn.Parameter(torch.zeros(len(spec.tasks), self.num_groups))
         self.tau = float(opts.get("tau", 2.5))
         self.hard = bool(opts.get("hard", False))
@@ -83,8 +85,37 @@ class GroupNet(nn.Module):
     def _branch(self, k: int, x: Tensor, stem_features: list[Tensor]) -> list[Tensor]:
         return stem_features + run_blocks(self.branches[k], x)[1]
 
+    def load_shared(self, state: dict[str, Tensor]) -> None:
+        """Start from a naive-MTL (``shared``) network's weights, as the paper does: its encoder into
+        the stem and every branch (so the K branches stay identical), each task's head into all K
+        of its copies. A global head loads only if it has the MTL head's shape (``head_hidden: 0``,
+        a linear layer); otherwise it keeps its fresh initialisation."""
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+        stem_blocks = len(self.stem) - 1
+        self.stem[0].load_state_dict(part("backbone.stem."))
+        for i in range(stem_blocks):
+            self.stem[1 + i].load_state_dict(part(f"backbone.blocks.{i}."))
+        for branch in self.branches:
+            for j, block in enumerate(branch):
+                block.load_state_dict(part(f"backbone.blocks.{stem_blocks + j}."))
+        for t in self.tasks:
+            head, saved = self.heads[t.name], part(f"heads.{t.name}.")
+            if not saved:
+                raise ModelError(f"the naive-MTL weights have no head for task {t.name!r}")
+            if not isinstance(head, StackedMLPHead):
+                for copy_k in head:
+                    copy_k.load_state_dict(saved)
+            elif head.num_layers == 1 and set(saved) == {"fc.weight", "fc.bias"}:
+                with torch.no_grad():
+                    for weights, biases in zip(head.copy_weights, head.copy_biases):
+                        weights[0].copy_(saved["fc.weight"].t())
+                        biases[0].copy_(saved["fc.bias"])
+
     def fix_assignment(self, groups: list[int]) -> None:
-        """Freeze the grouping (the random-grouping baseline): one-hot logits no noise can flip."""
+        """Freeze the grouping (the random-grouping baseline, the fine-tune of a read-off): one-hot
+        logits no noise can flip, so only the chosen head of each task runs."""
         with torch.no_grad():
             self.group_logits.copy_(F.one_hot(torch.tensor(groups), self.num_groups).float() * 1e4)
         self.group_logits.requires_grad_(False)
@@ -104,23 +135,44 @@ class GroupNet(nn.Module):
             pooled = {k: f[-1].mean(dim=(2, 3)) for k, f in feats.items()}
             return {t.name: self._heads(t.name, feats, pooled, [k]).squeeze(0) for t, k in zip(self.tasks, groups)}
         z = F.gumbel_softmax(self.group_logits, tau=self.tau, hard=self.hard, dim=1)
+        chosen = z.detach().argmax(dim=1)
         # hard samples are one-hot in value, yet the straight-through gradient on S needs every
-        # head's loss: nothing may be skipped then
-        active = torch.ones_like(z, dtype=torch.bool) if self.hard else z.detach() >= self.skip_below
-        active[torch.arange(len(self.tasks)), z.detach().argmax(dim=1)] = True
+        # head's loss: all heads run, but only the chosen ones (and their branches) with autograd.
+        # Frozen logits (a fixed grouping) need no gradient, so then only chosen heads run.
+        score_all = self.hard and self.group_logits.requires_grad
+        active = torch.ones_like(z, dtype=torch.bool) if score_all else z.detach() >= self.skip_below
+        active[torch.arange(len(self.tasks)), chosen] = True
         self.assignment_weights, self.active = z, active
-        feats = {k: self._branch(k, x, stem_features) for k in active.any(dim=0).nonzero().flatten().tolist()}
+        learn = set(chosen.tolist()) if score_all else None  # branches that get a gradient (None: all)
+        feats = {}
+        for k in active.any(dim=0).nonzero().flatten().tolist():
+            with torch.set_grad_enabled(learn is None or k in learn):
+                feats[k] = self._branch(k, x, stem_features)
         pooled = {k: f[-1].mean(dim=(2, 3)) for k, f in feats.items()}  # once per branch, for every task
-        return {t.name: self._heads(t.name, feats, pooled, active[i].nonzero().flatten().tolist())
+        return {t.name: self._task_heads(t.name, feats, pooled, active[i].nonzero().flatten().tolist(), int(chosen[i]))
                 for i, t in enumerate(self.tasks)}
+
+    def _task_heads(self, task: str, feats: dict[int, list[Tensor]], pooled: dict[int, Tensor], groups: list[int],
+                    chosen: int) -> Tensor:
+        """Training outputs of ``task`` on ``groups``. With hard sampling only the ``chosen`` head
+        has a non-zero weight, so the others are scored without autograd: their losses still reach
+        S's straight-through gradient as values, and nothing is back-propagated through them
+        (about K+2 instead of 3K head passes per task and step)."""
+        if len(groups) == 1 or not self.hard:
+            return self._heads(task, feats, pooled, groups)
+        at = groups.index(chosen)
+        others = groups[:at] + groups[at + 1:]
+        with torch.no_grad():
+            rest = self._heads(task, feats, pooled, others) if others else None
+        mine = self._heads(task, feats, pooled, [chosen])
+        return mine if rest is None else torch.cat([rest[:at], mine, rest[at:]])
 
     def _heads(self, task: str, feats: dict[int, list[Tensor]], pooled: dict[int, Tensor], groups: list[int]) -> Tensor:
         """Task ``task``'s heads on the given groups, stacked along a leading group axis."""
         head = self.heads[task]
         if not isinstance(head, StackedMLPHead):
             return torch.stack([head[k](feats[k]) for k in groups])
-        inputs = torch.stack([pooled[k] for k in groups])
-        return head(inputs, None if len(groups) == self.num_groups else torch.tensor(groups))
+        return head(torch.stack([pooled[k] for k in groups]), groups)
 
     def pruned_network(self) -> "PrunedGroupNet":
         groups = self.assignment()

@@ -8,21 +8,33 @@ code) or annealed exponentially from ``tau`` to ``tau_final``. Read-off: argmax 
 
 ``assignment: random`` is the baseline in the same harness: tasks dealt at random into exactly
 ``num_groups`` non-empty groups (seeded by ``assignment_seed``), frozen for the whole run.
+
+``init_from`` starts the network from a finished naive-MTL (``shared``) run, as the paper does
+("initialized by the pre-trained naive MTL weights"): the grouping signal is then about which
+tasks help each other on a trained encoder, not about random features. ``finetune_epochs`` adds
+the optional fine-tune of the pruned model: a follow-up stage (``RUN/retrain``) that freezes the
+read-off (``assignment: fixed``, ``groups``) and trains on from the search's weights
+(``init_checkpoint``), so only each task's chosen head and the chosen branches learn.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from taskfold.models.arch import ArchSpec
+from taskfold.models.errors import ModelError
 from taskfold.models.nets import build_network
 from taskfold.models.nets.group import GroupNet
-from taskfold.trainer.config import ConfigError
+from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
 from taskfold.trainer.report import REPORT_SECTIONS, pyplot
-from taskfold.trainer.rundir import RunDir
+from taskfold.trainer.rundir import WEIGHTS, RunDir
+
+ASSIGNMENTS = ("learned", "random", "fixed")
 
 
 def random_groups(num_tasks: int, num_groups: int, seed: int) -> list[int]:
@@ -32,6 +44,18 @@ def random_groups(num_tasks: int, num_groups: int, seed: int) -> list[int]:
     for position, task in enumerate(order):
         groups[task] = position % num_groups
     return groups
+
+
+def _load_into(field: str, path: Path, load) -> None:
+    """``load(state)`` with the safetensors weights at ``path``; a missing file, or weights that do
+    not fit the network, is a ConfigError naming ``field``."""
+    if not path.is_file():
+        raise ConfigError(f"{field}: no checkpoint at {path}")
+    try:
+        load(load_file(str(path)))
+    except (RuntimeError, ModelError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{field}: the weights at {path} do not fit this network ({reason})") from None
 
 
 @METHODS.register("dmtg")
@@ -51,6 +75,10 @@ class DMTGMethod:
         logits_lr: float | None = None
         assignment: str = "learned"
         assignment_seed: int = 0
+        groups: list | None = None  # assignment: fixed — each task's group, in task order
+        init_from: str | None = None  # a finished naive-MTL (`shared`) run directory
+        init_checkpoint: str | None = None  # GroupNet weights to start from (the fine-tune stage)
+        finetune_epochs: int = 0
 
     def __init__(self, options: Options) -> None:
         o = options
@@ -60,18 +88,33 @@ class DMTGMethod:
             raise ConfigError(f"method.num_groups: {o.num_groups} groups exceed method.max_groups = {o.max_groups}")
         if o.tau <= 0 or (o.tau_final is not None and o.tau_final <= 0):
             raise ConfigError("method.tau and method.tau_final must be > 0")
-        if o.assignment not in ("learned", "random"):
-            raise ConfigError(f"method.assignment: {o.assignment!r}; expected learned or random")
+        if o.assignment not in ASSIGNMENTS:
+            raise ConfigError(f"method.assignment: {o.assignment!r}; expected one of {', '.join(ASSIGNMENTS)}")
+        if (o.assignment == "fixed") != (o.groups is not None):
+            raise ConfigError("method.groups: give it exactly when method.assignment is fixed")
+        if o.finetune_epochs < 0:
+            raise ConfigError(f"method.finetune_epochs: must be >= 0, got {o.finetune_epochs}")
         if not 0.0 <= o.skip_below < 1.0:
             raise ConfigError(f"method.skip_below: must be in [0, 1), got {o.skip_below}")
         self.options = o
 
     def build(self, spec: ArchSpec, *, backbone_weights: str | None) -> nn.Module:
-        if self.options.num_groups > len(spec.tasks):
-            raise ConfigError(f"method.num_groups: {self.options.num_groups} groups for only {len(spec.tasks)} tasks")
+        o, n = self.options, len(spec.tasks)
+        if o.num_groups > n:
+            raise ConfigError(f"method.num_groups: {o.num_groups} groups for only {n} tasks")
+        if o.groups is not None and (len(o.groups) != n or not all(
+                isinstance(g, int) and 0 <= g < o.num_groups for g in o.groups)):
+            raise ConfigError(f"method.groups: needs one group in [0, {o.num_groups - 1}] for each of the {n} tasks, "
+                              f"got {o.groups}")
         model = build_network(spec, backbone_weights=backbone_weights)
-        if self.options.assignment == "random":
-            model.fix_assignment(random_groups(len(spec.tasks), self.options.num_groups, self.options.assignment_seed))
+        if o.init_from is not None:
+            _load_into("method.init_from", RunDir(o.init_from).checkpoints / "last" / WEIGHTS, model.load_shared)
+        if o.init_checkpoint is not None:
+            _load_into("method.init_checkpoint", Path(o.init_checkpoint), model.load_state_dict)
+        if o.assignment == "random":
+            model.fix_assignment(random_groups(n, o.num_groups, o.assignment_seed))
+        elif o.assignment == "fixed":
+            model.fix_assignment(o.groups)
         return model
 
     def param_groups(self, model: GroupNet) -> list[dict]:
@@ -99,9 +142,8 @@ class DMTGMethod:
         z, active = model.assignment_weights, model.active
         losses = {}
         for i, t in enumerate(tasks):
-            groups = active[i].nonzero().flatten().tolist()
-            target = targets[t.target]
-            losses[t.name] = sum(z[i, k] * t.loss(out, target) for k, out in zip(groups, outputs[t.name]))
+            groups = active[i].nonzero().flatten()
+            losses[t.name] = (z[i, groups] * t.copy_losses(outputs[t.name], targets[t.target])).sum()
         return losses
 
     def arch_step(self, model, images, targets, tasks, progress) -> dict[str, float]:
@@ -116,8 +158,18 @@ class DMTGMethod:
         return {"assignment": dict(zip(names, assignment)), "groups": [groups[k] for k in groups],
                 "probabilities": {n: row for n, row in zip(names, probs.tolist())}}
 
-    def follow_up(self, cfg, run_dir, decision: dict) -> None:
-        return None
+    def follow_up(self, cfg: Config, run_dir: Path, decision: dict) -> Config | None:
+        """With ``finetune_epochs``: the fine-tune of the pruned model, the read-off frozen."""
+        o = self.options
+        if o.finetune_epochs == 0 or o.assignment == "fixed":
+            return None
+        raw = cfg.to_dict()
+        raw["method"].update(assignment="fixed", groups=[decision["assignment"][t["name"]] for t in raw["tasks"]],
+                             init_checkpoint=str(RunDir(run_dir).checkpoints / "last" / WEIGHTS),
+                             init_from=None, finetune_epochs=0)
+        raw["name"] = f"{cfg.name}-finetune"
+        raw["train"]["epochs"] = o.finetune_epochs
+        return config_from_dict(raw)
 
 
 @REPORT_SECTIONS.register("dmtg")

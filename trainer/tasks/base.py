@@ -57,6 +57,14 @@ class Task(ABC):
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """A scalar loss from the head's raw output and the batched label."""
 
+    def copy_losses(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The losses of several heads' outputs against one label: ``preds`` ``(C, B, ...)`` → ``(C,)``.
+
+        DMTG scores K copies of every task's head each step; kinds whose loss is a mean over
+        samples override this with one batched call instead of C calls of :meth:`loss`.
+        """
+        return torch.stack([self.loss(pred, target) for pred in preds])
+
     @abstractmethod
     def new_meter(self) -> Meter:
         """A fresh accumulator for this task's metrics."""

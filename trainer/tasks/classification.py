@@ -40,12 +40,22 @@ class ClassificationTask(Task):
         self.loss_kind = check_choice(name, "loss", options.loss, ("ce", "l2"))
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._sample_losses(pred, target).mean()
+
+    def copy_losses(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """All C copies' losses from one call on the ``(C·B, classes)`` stack."""
+        copies, batch = preds.shape[:2]
+        repeated = target.expand(copies, *target.shape).flatten(0, 1)
+        return self._sample_losses(preds.flatten(0, 1), repeated).view(copies, batch).mean(dim=1)
+
+    def _sample_losses(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses ``(B,)``."""
         if self.loss_kind == "ce":
             soft = target.is_floating_point()
-            return F.cross_entropy(pred, target.to(pred.dtype) if soft else target.long())
+            return F.cross_entropy(pred, target.to(pred.dtype) if soft else target.long(), reduction="none")
         dist = target.to(pred.dtype) if target.is_floating_point() else F.one_hot(
             target.long(), self.classes).to(pred.dtype)
-        return ((pred.softmax(dim=1) - dist) ** 2).sum(dim=1).mean()
+        return ((pred.softmax(dim=1) - dist) ** 2).sum(dim=1)
 
     def new_meter(self) -> TopKMeter:
         return TopKMeter(self.classes)
