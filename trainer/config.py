@@ -85,6 +85,12 @@ class BenchConfig:
 
 
 @dataclass
+class ReportConfig:
+    # a finished run of the same tasks (e.g. naive MTL) that report.md compares against
+    baseline: str | None = None
+
+
+@dataclass
 class Config:
     name: str = "run"
     method: dict = field(default_factory=lambda: dict(_NAMED_DEFAULTS["method"]))
@@ -96,6 +102,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
     def method_name(self) -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from taskfold.models.registry import Registry
+from taskfold.trainer.config import ConfigError
 from taskfold.trainer.rundir import RunDir
+from taskfold.trainer.tasks import delta_m, norm_gain
 
 # Extra report sections by method name: ``fn(run: RunDir, records) -> list[str]`` of markdown lines.
 REPORT_SECTIONS: Registry = Registry("report section")
@@ -87,6 +89,35 @@ def _cost_table(manifest: dict, bench_rows: list[dict]) -> list[str]:
     return lines
 
 
+def baseline_results(path: str, task_names: list[str]) -> dict[str, dict[str, float]]:
+    """The test metrics of the finished run at ``path`` (``report.baseline``), which must have
+    answered every one of ``task_names``; a ConfigError naming the field otherwise."""
+    tests = [r for r in RunDir(path).read_metrics() if r.get("type") == "test"] if Path(path).is_dir() else []
+    if not tests:
+        raise ConfigError(f"report.baseline: {path} is not a finished run (no test metrics in its metrics.jsonl)")
+    missing = [t for t in task_names if t not in tests[-1]["test"]]
+    if missing:
+        raise ConfigError(f"report.baseline: the run at {path} has no results for task {missing[0]!r}")
+    return tests[-1]["test"]
+
+
+def baseline_section(path: str, summary: dict) -> list[str]:
+    """NormGain_L and NormGain_E (DMTG, eqs. 7–8) and Δm on each task's main metric against a
+    baseline run: the multi-task gain the papers report, without a separate script."""
+    test, main, directions = summary["test"], summary["main_metric"], summary["directions"]
+    base = baseline_results(path, list(test))
+
+    def errors(results: dict) -> dict[str, float]:  # lower is better: 1 - a ratio, or the error itself
+        return {t: 1.0 - results[t][main[t]] if directions[t][main[t]] else results[t][main[t]] for t in test}
+
+    mains = lambda results: {t: {main[t]: results[t][main[t]]} for t in test}  # noqa: E731
+    return ["## Against the baseline run", "", f"Baseline: `{path}`.", "",
+            "| quantity | value |", "|---|---|",
+            f"| NormGain_L (test losses) | {norm_gain({t: test[t]['loss'] for t in test}, {t: base[t]['loss'] for t in test}):+.2f} % |",
+            f"| NormGain_E (errors of the main metrics) | {norm_gain(errors(test), errors(base)):+.2f} % |",
+            f"| Δm (main metrics) | {delta_m(mains(test), mains(base), directions):+.2f} % |", ""]
+
+
 def write_report(run: RunDir, *, summary: dict, manifest: dict | None = None,
                  bench_rows: list[dict] | None = None, sections: list[str] | None = None) -> Path:
     """Write ``report.md`` (and ``training_curves.png``) into the run directory."""
@@ -117,6 +148,8 @@ def write_report(run: RunDir, *, summary: dict, manifest: dict | None = None,
         extra = plot_series(records, prefix, run.path / f"{prefix}.png", title)
         if extra is not None:
             lines += [f"## {title}", "", f"![{prefix}]({extra.name})", ""]
+    if cfg.report.baseline is not None:
+        lines += baseline_section(cfg.report.baseline, summary)
     method = run.load_arch().method if run.arch_path.is_file() else cfg.method_name
     if method in REPORT_SECTIONS:
         lines += REPORT_SECTIONS.get(method)(run, records)
