@@ -43,26 +43,29 @@ def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
 
 
 def train_recipe(recipe: str, overrides: list[str], out_dir) -> dict:
-    """Train one recipe with overrides into ``out_dir``; returns the test metrics and the run's
-    read-off decision. A finished run with the same resolved config is reused (so an interrupted
-    benchmark resumes); anything else in ``out_dir`` is replaced."""
+    """Train one recipe with overrides into ``out_dir``, with every follow-up stage its method asks
+    for (BMTAS's retrain, DMTG's fine-tune, in ``out_dir/retrain``); returns the last stage's test
+    metrics and the first stage's read-off decision. A finished run with the same resolved config
+    is reused (so an interrupted benchmark resumes); anything else in ``out_dir`` is replaced."""
     import shutil
     from pathlib import Path
 
     import yaml
 
     from taskfold.trainer.config import load_config
-    from taskfold.trainer.loop import train
+    from taskfold.trainer.loop import train_stages
     from taskfold.trainer.rundir import RunDir
 
     out_dir, cfg = Path(out_dir), load_config(recipe, overrides + ["train.progress=false"])
-    run = RunDir(out_dir)
-    done = [r for r in run.read_metrics() if r.get("type") == "test"]
+    run, last = RunDir(out_dir), out_dir
+    while (last / "retrain").is_dir():
+        last = last / "retrain"
+    done = [r for r in RunDir(last).read_metrics() if r.get("type") == "test"]
     if done and yaml.safe_load(run.config_path.read_text()) == cfg.to_dict():
         return {"test": done[-1]["test"], "decision": run.load_arch().decision}
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    summary = train(cfg, out_dir)
+    summary, _ = train_stages(cfg, out_dir)
     summary["decision"] = run.load_arch().decision
     return summary
 
