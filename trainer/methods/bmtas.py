@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from taskfold.models.arch import ArchSpec
@@ -54,7 +53,7 @@ from taskfold.models.nets.branched import BranchedNet, node_key
 from taskfold.models.nets.tree import TreeError, tree_macs
 from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
-from taskfold.trainer.methods.plain import per_task_losses
+from taskfold.trainer.methods.plain import load_weights_into, per_task_losses
 from taskfold.trainer.rundir import WEIGHTS, RunDir
 from taskfold.trainer import bmtas_report  # noqa: F401  (registers the report section)
 
@@ -231,11 +230,9 @@ class BMTASRetrain:
             model = build_network(spec, backbone_weights=backbone_weights)
         except TreeError as exc:
             raise ConfigError(f"method.tree: {exc}") from None
-        path = self.options.init_checkpoint
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"method.init_checkpoint: no checkpoint at {path}")
-            model.load_supergraph(load_file(path), self.options.routing)
+        if self.options.init_checkpoint is not None:
+            load_weights_into("method.init_checkpoint", self.options.init_checkpoint,
+                              lambda state: model.load_supergraph(state, self.options.routing))
         return model
 
     def param_groups(self, model: BranchedNet) -> list[dict]:

@@ -22,15 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from taskfold.models.arch import ArchSpec
-from taskfold.models.errors import ModelError
 from taskfold.models.nets import build_network
 from taskfold.models.nets.group import GroupNet
 from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
+from taskfold.trainer.methods.plain import load_weights_into
 from taskfold.trainer.report import REPORT_SECTIONS, pyplot
 from taskfold.trainer.rundir import WEIGHTS, RunDir
 
@@ -44,18 +43,6 @@ def random_groups(num_tasks: int, num_groups: int, seed: int) -> list[int]:
     for position, task in enumerate(order):
         groups[task] = position % num_groups
     return groups
-
-
-def _load_into(field: str, path: Path, load) -> None:
-    """``load(state)`` with the safetensors weights at ``path``; a missing file, or weights that do
-    not fit the network, is a ConfigError naming ``field``."""
-    if not path.is_file():
-        raise ConfigError(f"{field}: no checkpoint at {path}")
-    try:
-        load(load_file(str(path)))
-    except (RuntimeError, ModelError) as exc:
-        reason = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"{field}: the weights at {path} do not fit this network ({reason})") from None
 
 
 @METHODS.register("dmtg")
@@ -108,9 +95,9 @@ class DMTGMethod:
                               f"got {o.groups}")
         model = build_network(spec, backbone_weights=backbone_weights)
         if o.init_from is not None:
-            _load_into("method.init_from", RunDir(o.init_from).checkpoints / "last" / WEIGHTS, model.load_shared)
+            load_weights_into("method.init_from", RunDir(o.init_from).checkpoints / "last" / WEIGHTS, model.load_shared)
         if o.init_checkpoint is not None:
-            _load_into("method.init_checkpoint", Path(o.init_checkpoint), model.load_state_dict)
+            load_weights_into("method.init_checkpoint", o.init_checkpoint, model.load_state_dict)
         if o.assignment == "random":
             model.fix_assignment(random_groups(n, o.num_groups, o.assignment_seed))
         elif o.assignment == "fixed":

@@ -6,18 +6,35 @@ not change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from taskfold.models.arch import ArchSpec
+from taskfold.models.errors import ModelError
 from taskfold.models.nets import build_network
+from taskfold.trainer.config import ConfigError
 from taskfold.trainer.methods.base import METHODS, Progress
 
 
 def per_task_losses(outputs: dict, targets: dict, tasks: list) -> dict[str, torch.Tensor]:
     """Each task's own loss on its own output."""
     return {t.name: t.loss(outputs[t.name], targets[t.target]) for t in tasks}
+
+
+def load_weights_into(field: str, path: str | Path, load: Callable[[dict[str, torch.Tensor]], object]) -> None:
+    """``load(state)`` with the safetensors weights at ``path`` (a method's ``init_*`` option); a
+    missing file, or weights that do not fit the network, is a ConfigError naming ``field``."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{field}: no checkpoint at {path}")
+    try:
+        load(load_file(str(path)))
+    except (RuntimeError, ModelError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{field}: the weights at {path} do not fit this network ({reason})") from None
 
 
 class PlainMethod:
