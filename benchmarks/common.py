@@ -60,9 +60,9 @@ def train_recipe(recipe: str, overrides: list[str], out_dir) -> dict:
     run, last = RunDir(out_dir), out_dir
     while (last / "retrain").is_dir():
         last = last / "retrain"
-    done = [r for r in RunDir(last).read_metrics() if r.get("type") == "test"]
-    if done and yaml.safe_load(run.config_path.read_text()) == cfg.to_dict():
-        return {"test": done[-1]["test"], "decision": run.load_arch().decision}
+    done = RunDir(last).test_metrics()
+    if done is not None and yaml.safe_load(run.config_path.read_text()) == cfg.to_dict():
+        return {"test": done, "decision": run.load_arch().decision}
     if out_dir.exists():
         shutil.rmtree(out_dir)
     summary, _ = train_stages(cfg, out_dir)

@@ -73,7 +73,7 @@ def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force
     dataset_info = create_dataset(info.dataset, "val", size=info.size, num_samples=1, seed=info.seed,
                                   cache_dir=info.cache_dir, **info.options).info
     config_sha = hashlib.sha256(run.config_path.read_bytes()).hexdigest()
-    test_metrics = next((r["test"] for r in reversed(run.read_metrics()) if r.get("type") == "test"), None)
+    test_metrics = run.test_metrics()
     bundle = write_bundle(
         Path(out_dir) if out_dir else run.bundle_path,
         model=result.model,

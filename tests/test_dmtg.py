@@ -262,7 +262,7 @@ def test_init_from_naive_mtl_reproduces_it_then_fine_tune_keeps_the_read_off(tmp
     assert finetuned.decision["assignment"] == search
     assert summary["test"].keys() == {"seg", "depth", "scene"}
 
-    naive = [r for r in RunDir(tmp_path / "mtl").read_metrics() if r.get("type") == "test"][-1]["test"]
+    naive = RunDir(tmp_path / "mtl").test_metrics()
     gain = 100 * sum((naive[t]["loss"] - summary["test"][t]["loss"]) / naive[t]["loss"] for t in naive) / 3
     report = write_report(RunDir(last), summary=summary).read_text()
     assert f"| NormGain_L (test losses) | {gain:+.2f} % |" in report

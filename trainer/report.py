@@ -92,13 +92,13 @@ def _cost_table(manifest: dict, bench_rows: list[dict]) -> list[str]:
 def baseline_results(path: str, task_names: list[str]) -> dict[str, dict[str, float]]:
     """The test metrics of the finished run at ``path`` (``report.baseline``), which must have
     answered every one of ``task_names``; a ConfigError naming the field otherwise."""
-    tests = [r for r in RunDir(path).read_metrics() if r.get("type") == "test"] if Path(path).is_dir() else []
-    if not tests:
+    test = RunDir(path).test_metrics() if Path(path).is_dir() else None
+    if test is None:
         raise ConfigError(f"report.baseline: {path} is not a finished run (no test metrics in its metrics.jsonl)")
-    missing = [t for t in task_names if t not in tests[-1]["test"]]
+    missing = [t for t in task_names if t not in test]
     if missing:
         raise ConfigError(f"report.baseline: the run at {path} has no results for task {missing[0]!r}")
-    return tests[-1]["test"]
+    return test
 
 
 def baseline_section(path: str, summary: dict) -> list[str]:

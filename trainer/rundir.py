@@ -64,6 +64,10 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
+    def test_metrics(self) -> dict[str, dict[str, float]] | None:
+        """The run's test metrics (its last ``test`` record), or None if it has not finished."""
+        return next((r["test"] for r in reversed(self.read_metrics()) if r.get("type") == "test"), None)
+
     def save_checkpoint(self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], tag: str = "last") -> None:
         folder = self.checkpoints / tag
         folder.mkdir(parents=True, exist_ok=True)

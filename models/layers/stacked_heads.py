@@ -1,4 +1,4 @@
-"""K copies of a global (pool + MLP) head, evaluated in one batched call.
+"""K copies of a global (pool + MLP) head, evaluated by one call.
 
 DMTG gives every task a head in every group branch (K·N heads), the paper's stated bottleneck
 when heads are heavy. Here a task's K heads are one module: one call runs whichever copies the
