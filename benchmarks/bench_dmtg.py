@@ -9,10 +9,11 @@ N = 40 tasks at K = 5.
 
 quality: for each seed, optionally trains naive MTL for ``--pretrain`` epochs (DMTG then starts from
 its weights, as in the paper; default 0: from scratch), then DMTG (learned groups) and DMTG with random groups of the same K on
-configs/dmtg_composites_k{K}.yaml, each followed by ``--finetune`` epochs of the pruned model, and
-naive MTL for the same total number of epochs; prints the groups, their purity (share of tasks
+configs/dmtg_composites_k{K}.yaml, each followed by ``--finetune`` epochs of the pruned model, the
+split by object (one group per object, frozen from the start: does the data reward the grouping
+the purity check looks for?) and naive MTL, both for the same total number of epochs; prints the groups, their purity (share of tasks
 whose group's majority object is their own object; 1.0 = groups split exactly by object), and
-NormGain_E / NormGain_L of both groupings against that naive MTL (errors = 1 − top-1; losses =
+NormGain_E / NormGain_L of the three groupings against that naive MTL (errors = 1 − top-1; losses =
 test losses; a task that naive MTL answers without a single error is left out of NormGain_E,
 where a relative change to 0 is undefined, and named).
 
@@ -40,11 +41,15 @@ from taskfold.trainer.config import load_config  # noqa: E402
 from taskfold.trainer.tasks import norm_gain  # noqa: E402
 
 
+def object_of(task: str) -> str:
+    """The object a composites task is about: ``fashion_class`` -> ``fashion``."""
+    return task.split("_")[0]
+
+
 def purity(groups: list[list[str]], *, identity_only: bool = False) -> float:
     """Share of tasks that sit in a group whose majority object is their own object. With
     ``identity_only`` the position tasks (``*_quadrant``) are left out: they ask where an object is,
     not what it is, and need the same features whichever object they are about."""
-    object_of = lambda task: task.split("_")[0]  # noqa: E731  fashion_* / digit_*
     kept = [[t for t in g if not (identity_only and t.endswith("_quadrant"))] for g in groups]
     kept = [g for g in kept if g]
     agree = sum(Counter(object_of(t) for t in g).most_common(1)[0][1] for g in kept)
@@ -70,16 +75,20 @@ def quality(args) -> None:
         learned = train_recipe(recipe, dmtg, out / "learned")
         random = train_recipe(recipe, dmtg + ["method.assignment=random", f"method.assignment_seed={seed}"],
                               out / "random")
+        objects = list(dict.fromkeys(object_of(t.name) for t in load_config(recipe, common).tasks))
+        by_object = [objects.index(object_of(t.name)) for t in load_config(recipe, common).tasks]
+        split = train_recipe(recipe, dmtg + ["method.assignment=fixed", f"method.groups={by_object}",
+                                             f"train.epochs={search_epochs + args.finetune}"], out / "object")
         total = args.pretrain + search_epochs + args.finetune
         naive = train_recipe("configs/mtl_composites.yaml", common + [f"train.epochs={total}"], out / "mtl")
         row = {"seed": seed, "groups": learned["decision"]["groups"], "purity": purity(learned["decision"]["groups"]),
                "identity_purity": purity(learned["decision"]["groups"], identity_only=True),
                "random_groups": random["decision"]["groups"],
                "top1": {name: {t: m["top1"] for t, m in run["test"].items()}
-                        for name, run in (("learned", learned), ("random", random), ("mtl", naive))}}
+                        for name, run in (("learned", learned), ("random", random), ("object", split), ("mtl", naive))}}
         naive_errors = {t: 1 - m["top1"] for t, m in naive["test"].items()}
         row["normgain_e_without"] = [t for t, e in naive_errors.items() if e == 0]  # relative change undefined
-        for name, run in (("learned", learned), ("random", random)):
+        for name, run in (("learned", learned), ("random", random), ("object", split)):
             row[f"{name}_normgain_e"] = norm_gain({t: 1 - m["top1"] for t, m in run["test"].items()
                                                    if t not in row["normgain_e_without"]}, naive_errors)
             row[f"{name}_normgain_l"] = norm_gain({t: m["loss"] for t, m in run["test"].items()},
@@ -91,7 +100,7 @@ def quality(args) -> None:
           f"{sum(r['purity'] == 1.0 for r in rows)} of {len(rows)} seeds")
     print(f"identity tasks only (no *_quadrant): {[round(r['identity_purity'], 3) for r in rows]}; split exactly "
           f"by object in {sum(r['identity_purity'] == 1.0 for r in rows)} of {len(rows)} seeds")
-    for name in ("learned", "random"):
+    for name in ("learned", "random", "object"):
         print(f"{name:>8}: NormGain_E {mean_std([r[f'{name}_normgain_e'] for r in rows])} %, "
               f"NormGain_L {mean_std([r[f'{name}_normgain_l'] for r in rows])} %")
 
