@@ -4,7 +4,7 @@ N = 40 tasks at K = 5.
 
     make data-composites                          # once: Fashion-MNIST + MNIST files
     .venv/bin/python benchmarks/bench_dmtg.py quality [--seeds 0 1 2] [--groups 3] [--pretrain 0] [--finetune 3]
-                                                      [--set k=v ...]
+                                                      [--search-only] [--set k=v ...]
     .venv/bin/python benchmarks/bench_dmtg.py timing  [--threads 2]
 
 quality: for each seed, optionally trains naive MTL for ``--pretrain`` epochs (DMTG then starts from
@@ -67,6 +67,12 @@ def quality(args) -> None:
         common = [f"train.seed={seed}", f"data.seed={seed}", *args.set]
         out = Path(args.out) / f"seed{seed}"
         search_epochs = load_config(recipe, common).train.epochs
+        if args.search_only:  # the grouping alone: no fine-tune, no baselines
+            found = train_recipe(recipe, common + ["method.finetune_epochs=0"], out / "search")
+            groups = found["decision"]["groups"]
+            rows.append({"purity": purity(groups), "identity_purity": purity(groups, identity_only=True)})
+            print(json.dumps({"seed": seed, "groups": groups, **rows[-1]}))
+            continue
         dmtg = common + [f"method.finetune_epochs={args.finetune}"]
         if args.pretrain:
             pretrained = out / "mtl_pretrain"
@@ -95,12 +101,13 @@ def quality(args) -> None:
                                                   {t: m["loss"] for t, m in naive["test"].items()})
         rows.append(row)
         print(json.dumps(row))
-    print(f"K={args.groups}, seeds {args.seeds}, naive MTL pretrain {args.pretrain} epochs, fine-tune {args.finetune}")
+    print(f"K={args.groups}, seeds {args.seeds}, " + ("search only" if args.search_only else
+          f"naive MTL pretrain {args.pretrain} epochs, fine-tune {args.finetune}"))
     print(f"purity (learned): {[round(r['purity'], 3) for r in rows]}; split exactly by object in "
           f"{sum(r['purity'] == 1.0 for r in rows)} of {len(rows)} seeds")
     print(f"identity tasks only (no *_quadrant): {[round(r['identity_purity'], 3) for r in rows]}; split exactly "
           f"by object in {sum(r['identity_purity'] == 1.0 for r in rows)} of {len(rows)} seeds")
-    for name in ("learned", "random", "object"):
+    for name in () if args.search_only else ("learned", "random", "object"):
         print(f"{name:>8}: NormGain_E {mean_std([r[f'{name}_normgain_e'] for r in rows])} %, "
               f"NormGain_L {mean_std([r[f'{name}_normgain_l'] for r in rows])} %")
 
@@ -203,6 +210,8 @@ def main() -> None:
                    help="epochs of naive MTL that DMTG starts from (the paper's start; 0: from scratch)")
     q.add_argument("--finetune", type=int, default=3, help="epochs of fine-tuning the pruned model")
     q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--search-only", action="store_true",
+                   help="only the search and its groups' purity (no fine-tune, no baselines): for sweeps of its options")
     q.add_argument("--set", action="append", default=[])
     t = sub.add_parser("timing")
     t.add_argument("--threads", type=int, default=2)
