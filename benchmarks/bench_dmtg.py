@@ -59,14 +59,15 @@ def purity(groups: list[list[str]], *, identity_only: bool = False) -> float:
 def quality(args) -> None:
     """Per seed: DMTG (learned groups) and DMTG with random groups (same K), from scratch or from
     naive MTL trained for ``pretrain`` epochs (the paper's starting point), each searched for
-    ``train.epochs`` and fine-tuned for ``finetune`` epochs, against naive MTL trained for the same
-    total number of epochs."""
+    ``train.epochs`` and fine-tuned for ``finetune`` epochs, and the split by object, against naive
+    MTL trained for the same total number of epochs. ``search_only``: the learned groups alone."""
     recipe = f"configs/dmtg_composites_k{args.groups}.yaml"
     rows = []
     for seed in args.seeds:
         common = [f"train.seed={seed}", f"data.seed={seed}", *args.set]
         out = Path(args.out) / f"seed{seed}"
-        search_epochs = load_config(recipe, common).train.epochs
+        search = load_config(recipe, common)
+        search_epochs = search.train.epochs
         if args.search_only:  # the grouping alone: no fine-tune, no baselines
             found = train_recipe(recipe, common + ["method.finetune_epochs=0"], out / "search")
             groups = found["decision"]["groups"]
@@ -81,8 +82,8 @@ def quality(args) -> None:
         learned = train_recipe(recipe, dmtg, out / "learned")
         random = train_recipe(recipe, dmtg + ["method.assignment=random", f"method.assignment_seed={seed}"],
                               out / "random")
-        objects = list(dict.fromkeys(object_of(t.name) for t in load_config(recipe, common).tasks))
-        by_object = [objects.index(object_of(t.name)) for t in load_config(recipe, common).tasks]
+        objects = list(dict.fromkeys(object_of(t.name) for t in search.tasks))
+        by_object = [objects.index(object_of(t.name)) for t in search.tasks]
         split = train_recipe(recipe, dmtg + ["method.assignment=fixed", f"method.groups={by_object}",
                                              f"train.epochs={search_epochs + args.finetune}"], out / "object")
         total = args.pretrain + search_epochs + args.finetune

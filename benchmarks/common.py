@@ -57,10 +57,8 @@ def train_recipe(recipe: str, overrides: list[str], out_dir) -> dict:
     from taskfold.trainer.rundir import RunDir
 
     out_dir, cfg = Path(out_dir), load_config(recipe, overrides + ["train.progress=false"])
-    run, last = RunDir(out_dir), out_dir
-    while (last / "retrain").is_dir():
-        last = last / "retrain"
-    done = RunDir(last).test_metrics()
+    run = RunDir(out_dir)
+    done = run.last_stage().test_metrics()
     if done is not None and yaml.safe_load(run.config_path.read_text()) == cfg.to_dict():
         return {"test": done, "decision": run.load_arch().decision}
     if out_dir.exists():

@@ -250,6 +250,6 @@ def train_stages(cfg: Config, run_dir: str | Path) -> tuple[dict, Path]:
     run_dir = Path(run_dir)
     summary = train(cfg, run_dir)
     while summary["follow_up"] is not None:
-        cfg, run_dir = summary["follow_up"], run_dir / "retrain"
+        cfg, run_dir = summary["follow_up"], RunDir(run_dir).follow_up_path
         summary = train(cfg, run_dir)
     return summary, run_dir

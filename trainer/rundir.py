@@ -50,6 +50,18 @@ class RunDir:
     def bundle_path(self) -> Path:
         return self.path / "bundle"
 
+    @property
+    def follow_up_path(self) -> Path:
+        """Where a method's follow-up stage runs (BMTAS's retrain, DMTG's fine-tune)."""
+        return self.path / "retrain"
+
+    def last_stage(self) -> "RunDir":
+        """The run of this run's last follow-up stage (itself when it has none)."""
+        run = self
+        while run.follow_up_path.is_dir():
+            run = RunDir(run.follow_up_path)
+        return run
+
     def create(self, cfg: Config) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.config_path)
