@@ -78,6 +78,34 @@ def test_normals_angle_metrics_by_hand():
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_normals_loss_and_gradient_match_the_normalize_formula():
+    """The channel-sum cosine equals F.normalize's, value and gradient, incl. tiny and zero vectors."""
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64)
+    pred[0, :, 0, 0] = 0.0  # a zero prediction: both formulas clamp its length at eps
+    pred[0, :, 0, 1] = 1e-14
+    target = torch.nn.functional.normalize(torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64), dim=1)
+    target[1, :, 2] = 0.0  # an unlabelled row
+    target[1, 0, 3, 3], target[1, 1:, 3, 3] = 1e-30, 0.0  # tiny but labelled: still valid
+    task = create_task("n", "normals", INFO)
+    new_pred = pred.clone().requires_grad_()
+    new_loss = task.loss(new_pred, target)
+    new_loss.backward()
+    old_pred = pred.clone().requires_grad_()
+    valid = target.norm(dim=1) > 0
+    cos = (torch.nn.functional.normalize(old_pred, dim=1) * torch.nn.functional.normalize(target, dim=1)).sum(1)
+    old_loss = torch.where(valid, 1.0 - cos, torch.zeros_like(cos)).sum() / valid.sum()
+    old_loss.backward()
+    assert int(valid.sum()) == 2 * 5 * 7 - 7
+    assert new_loss.item() == pytest.approx(old_loss.item(), rel=1e-12)
+    torch.testing.assert_close(new_pred.grad, old_pred.grad, rtol=1e-9, atol=1e-12)
+    # The meter keeps exactly the valid pixels' angles, as the old formula computes them.
+    angles = torch.rad2deg(torch.acos(cos.detach()[valid].clamp(-1.0, 1.0)))
+    out = _compute(task, pred.float(), target.float())
+    assert out["mean"] == pytest.approx(angles.mean().item(), abs=1e-4)
+    assert out["median"] == pytest.approx(angles.median().item(), abs=0.5)
+
+
 DEPTH_TARGET = torch.tensor([1.0, 2.0, 4.0, 5.0, 0.0]).view(1, 1, 1, 5)
 DEPTH_PRED = torch.tensor([1.1, 2.4, 3.0, 5.0, 9.0]).view(1, 1, 1, 5)
 
