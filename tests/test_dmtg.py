@@ -17,6 +17,7 @@ from taskfold.models.nets import build_network
 from taskfold.runtime import load
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.data.base import DatasetInfo
+from taskfold.trainer.data.loader import load_batch
 from taskfold.trainer.methods import create_method
 from taskfold.trainer.tasks import create_task
 
@@ -247,7 +248,7 @@ def test_init_from_naive_mtl_reproduces_it_then_fine_tune_keeps_the_read_off(tmp
     method = {"name": "dmtg", "num_groups": 2, "stem_blocks": 1, "head_hidden": 0,
               "init_from": str(tmp_path / "mtl"), "finetune_epochs": 1}
     state = setup(_tiny_config(method), tmp_path / "probe")
-    images = state.datasets["val"].images
+    images = load_batch(state.datasets["val"], range(len(state.datasets["val"])))[0]
     with torch.no_grad():
         expected, got = shared.eval()(images), state.model.eval()(images)
     for task in expected:

@@ -9,6 +9,7 @@ import torch
 
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.data import DATASETS, create_dataset
+from taskfold.trainer.data.loader import load_batch
 from taskfold.trainer.data.render import (BOX, CYLINDER, EMPTY_SLOT, FLOOR, SPHERE, WALL, Scenes, camera_rays,
                                           camera_to_world, render)
 from taskfold.trainer.data.synthscenes import MEAN, STD, SynthScenes, render_split, sample_scenes
@@ -245,12 +246,14 @@ def test_cache_round_trip_gives_identical_arrays(tmp_path):
     fresh = create_dataset("synthscenes", "test", size=24, num_samples=5, seed=2, cache_dir=str(tmp_path))
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".npz" and files[0].name.startswith("synthscenes-test-")
+    fresh_images, fresh_targets = load_batch(fresh, range(5))
     with np.load(files[0]) as stored:
-        np.testing.assert_array_equal(stored["segmentation"], fresh.targets["segmentation"].numpy())
+        np.testing.assert_array_equal(stored["segmentation"], fresh_targets["segmentation"].numpy())
     reloaded = create_dataset("synthscenes", "test", size=24, num_samples=5, seed=2, cache_dir=str(tmp_path))
-    assert torch.equal(fresh.images, reloaded.images)
-    for key, value in fresh.targets.items():
-        assert torch.equal(value, reloaded.targets[key]), key
+    images, targets = load_batch(reloaded, range(5))
+    assert torch.equal(fresh_images, images)
+    for key, value in fresh_targets.items():
+        assert torch.equal(value, targets[key]), key
     create_dataset("synthscenes", "test", size=24, num_samples=5, seed=2, cache_dir=str(tmp_path), max_objects=3)
     assert len(list(tmp_path.iterdir())) == 2  # other options, other key; no temporary files left
 
@@ -265,7 +268,8 @@ def test_items_info_and_normalisation():
     assert shapes == {"segmentation": ((20, 28), torch.int64), "depth": ((1, 20, 28), torch.float32),
                       "normals": ((3, 20, 28), torch.float32), "edges": ((1, 20, 28), torch.float32),
                       "classification": ((), torch.int64)}
-    assert torch.equal(data.images[2], image) and torch.equal(data.targets["depth"][2], targets["depth"])
+    images, batch = load_batch(data, [1, 2])
+    assert torch.equal(images[1], image) and torch.equal(batch["depth"][1], targets["depth"])
     raw = render_split("val", 20, 28, 4, 0, **OPTIONS)["image"][2]
     restored = image * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
     np.testing.assert_allclose(restored.permute(1, 2, 0).numpy() * 255.0, raw, atol=1e-3)

@@ -255,10 +255,13 @@ def _random_batch(kind: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor
         return torch.randn(n, 7, generator=gen), torch.randint(0, 7, (n,), generator=gen)
     if kind == "attributes":
         return torch.randn(n, 3, generator=gen), torch.randint(0, 2, (n, 3), generator=gen)
+    if kind == "regression":  # reads the 1-channel depth label (OPTIONS)
+        return torch.randn(n, 1, h, w, generator=gen), torch.randn(n, 1, h, w, generator=gen)
     raise AssertionError(f"no test data for task kind {kind!r}: add it here")
 
 
-OPTIONS = {"depth": [{}, {"loss": "ssi"}], "classification": [{}, {"loss": "l2"}]}
+OPTIONS = {"depth": [{}, {"loss": "ssi"}], "classification": [{}, {"loss": "l2"}],
+           "regression": [{"target": "depth"}]}
 CASES = [(kind, opts) for kind in TASKS.names() for opts in OPTIONS.get(kind, [{}])]
 
 

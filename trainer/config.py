@@ -30,12 +30,15 @@ _NAMED_DEFAULTS = {"method": {"name": "shared"}, "weighting": {"name": "ew"}}
 @dataclass
 class DataConfig:
     dataset: str = "synthscenes"
+    root: str | None = None  # folder of an on-disk dataset (nyuv2, cityscapes, celeba, ...)
     size: int = 64
-    train_size: int = 2000
-    val_size: int = 200
-    test_size: int = 200
+    # samples per split; null = the whole split of an on-disk dataset (at most N: its first N)
+    train_size: int | None = 2000
+    val_size: int | None = 200
+    test_size: int | None = 200
     seed: int = 0
     cache_dir: str | None = None
+    workers: int | None = None  # DataLoader worker processes; null = 0 in-memory, else cores - 1 (<= 8)
     options: dict = field(default_factory=dict)
 
 
@@ -274,6 +277,8 @@ def _check(cfg: Config, problems: list[str]) -> None:
     for path, value in positive.items():
         if isinstance(value, int) and value < 1:
             problems.append(f"{path}: must be >= 1, got {value}")
+    if cfg.data.workers is not None and cfg.data.workers < 0:
+        problems.append(f"data.workers: must be >= 0 (or null for the default), got {cfg.data.workers}")
     if cfg.train.lr <= 0:
         problems.append(f"train.lr: must be > 0, got {cfg.train.lr}")
     if any(b < 1 for b in cfg.bench.batches):

@@ -7,7 +7,6 @@ goes through the Method contract; nothing here knows about a particular method.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.trainer.config import Config, ConfigError
 from taskfold.trainer.data import create_dataset
+from taskfold.trainer.data.loader import ARCH, EpochBatches, SplitLoader
 from taskfold.trainer.methods import Method, Progress, create_method
 from taskfold.trainer.report import baseline_results
 from taskfold.trainer.rundir import RunDir
@@ -37,6 +37,7 @@ class RunState:
     model: nn.Module
     tasks: list
     datasets: dict
+    loaders: dict[str, SplitLoader]
     optimizer: torch.optim.Optimizer
     weighting: object
     history: list[dict] = field(default_factory=list)
@@ -46,8 +47,23 @@ def build_datasets(cfg: Config) -> dict:
     d = cfg.data
     sizes = {"train": d.train_size, "val": d.val_size, "test": d.test_size}
     return {split: create_dataset(d.dataset, split, size=d.size, num_samples=n, seed=d.seed,
-                                  cache_dir=d.cache_dir, **d.options)
+                                  cache_dir=d.cache_dir, root=d.root, **d.options)
             for split, n in sizes.items()}
+
+
+EVAL_BATCH_SIZE = 64
+
+
+def build_loaders(cfg: Config, datasets: dict, *, arch_fraction: float = 0.0,
+                  pin_memory: bool = False) -> dict[str, SplitLoader]:
+    """The train split shuffled from ``train.seed`` (split into weight/architecture batches), the
+    others in order; ``pin_memory`` when batches go to a CUDA device."""
+    plans = {"train": EpochBatches(len(datasets["train"]), cfg.train.batch_size, seed=cfg.train.seed,
+                                   arch_fraction=arch_fraction)}
+    for split in ("val", "test"):
+        plans[split] = EpochBatches(len(datasets[split]), EVAL_BATCH_SIZE, shuffle=False)
+    return {split: SplitLoader(datasets[split], plan, workers=cfg.data.workers, pin_memory=pin_memory)
+            for split, plan in plans.items()}
 
 
 def build_tasks(cfg: Config, info) -> list:
@@ -98,6 +114,7 @@ def setup(cfg: Config, run_dir: str | Path) -> RunState:
     torch.manual_seed(cfg.train.seed)
     method = create_method(cfg.method)
     datasets = build_datasets(cfg)
+    loaders = build_loaders(cfg, datasets, arch_fraction=method.arch_fraction)
     tasks = build_tasks(cfg, datasets["train"].info)
     spec = build_spec(cfg, tasks)
     weighting = create_weighting(cfg.weighting, tasks=spec.task_names,
@@ -115,24 +132,18 @@ def setup(cfg: Config, run_dir: str | Path) -> RunState:
     run = RunDir(run_dir)
     run.create(cfg)
     spec.save(run.arch_path)
-    return RunState(cfg, run, spec, method, model, tasks, datasets, optimizer, weighting)
-
-
-def batches(dataset, indices: torch.Tensor, batch_size: int):
-    """Yield ``(images, targets)`` slices of an in-memory dataset (``images``/``targets`` tensors)."""
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
-        yield dataset.images[idx], {k: v[idx] for k, v in dataset.targets.items()}
+    return RunState(cfg, run, spec, method, model, tasks, datasets, loaders, optimizer, weighting)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, tasks: list, batch_size: int = 64) -> dict[str, dict[str, float]]:
+def evaluate(model: nn.Module, data: SplitLoader, tasks: list) -> dict[str, dict[str, float]]:
     """Each task's metrics over a whole split, plus its mean ``loss`` (NormGain_L needs it)."""
     was_training = model.training
     model.eval()
     meters = {t.name: t.new_meter() for t in tasks}
     loss_sums = {t.name: 0.0 for t in tasks}
-    for images, targets in batches(dataset, torch.arange(len(dataset)), batch_size):
+    dataset = data.dataset
+    for _, images, targets in data.epoch(0):
         outputs = model(images)
         for t in tasks:
             meters[t.name].update(outputs[t.name], targets[t.target])
@@ -141,41 +152,27 @@ def evaluate(model: nn.Module, dataset, tasks: list, batch_size: int = 64) -> di
     return {name: {**meter.compute(), "loss": loss_sums[name] / len(dataset)} for name, meter in meters.items()}
 
 
-def _arch_samples(n: int, arch_fraction: float) -> int:
-    """How many of an epoch's ``n`` training samples go to architecture steps."""
-    return int(round(n * arch_fraction))
-
-
-def _split_epoch(n: int, arch_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fresh random split of the training indices into (weight part, architecture part)."""
-    perm = torch.randperm(n, generator=generator)
-    n_arch = _arch_samples(n, arch_fraction)
-    return perm[n_arch:], perm[:n_arch]
-
-
-def _train_epoch(state: RunState, epoch: int, step: int, total_steps: int, generator: torch.Generator) -> int:
+def _train_epoch(state: RunState, epoch: int, step: int, total_steps: int) -> int:
     cfg, model, method = state.cfg, state.model, state.method
-    bs = cfg.train.batch_size
-    train = state.datasets["train"]
+    train = state.loaders["train"]
     progress = Progress(epoch, cfg.train.epochs, step, total_steps)
     state.run.log({"type": "schedule", "epoch": epoch, **method.start_epoch(model, progress)})
-    weight_idx, arch_idx = _split_epoch(len(train), method.arch_fraction, generator)
-    arch_batches = list(batches(train, arch_idx, bs)) if len(arch_idx) else []
-    n_weight = math.ceil(len(weight_idx) / bs)
+    n_weight = train.batches.weight_batches
     sums: dict[str, float] = {}
     count = 0
     epoch_sums: dict[str, float] = {}
-    arch_done = 0
-    bar = tqdm(batches(train, weight_idx, bs), total=n_weight, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+    arch_logs: dict[str, float] = {}
+    bar = tqdm(total=n_weight, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                disable=not cfg.train.progress, leave=False)
     model.train()
-    for i, (images, targets) in enumerate(bar):
+    i = -1
+    for kind, images, targets in train.epoch(epoch):
         progress = Progress(epoch, cfg.train.epochs, step, total_steps)
-        arch_logs: dict[str, float] = {}
-        while arch_batches and arch_done < (i + 1) * len(arch_batches) / n_weight:
-            a_images, a_targets = arch_batches[arch_done]
-            arch_logs = method.arch_step(model, a_images, a_targets, state.tasks, progress)
-            arch_done += 1
+        if kind == ARCH:
+            arch_logs = method.arch_step(model, images, targets, state.tasks, progress)
+            continue
+        i += 1
+        bar.update()
         outputs = model(images)
         losses = method.task_losses(model, outputs, targets, state.tasks)
         ctx = StepContext(
@@ -200,6 +197,8 @@ def _train_epoch(state: RunState, epoch: int, step: int, total_steps: int, gener
             state.run.log({"type": "train", "epoch": epoch, "step": step, "loss": sum(mean.values()),
                            "losses": mean, **_prefixed("weighting", weight_logs), **_prefixed("arch", arch_logs)})
             sums, count = {}, 0
+        arch_logs = {}
+    bar.close()
     state.weighting.end_epoch({k: v / n_weight for k, v in epoch_sums.items()})
     return step
 
@@ -210,17 +209,14 @@ def _prefixed(prefix: str, logs: dict) -> dict:
 
 def fit(state: RunState) -> None:
     cfg = state.cfg
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    n = len(state.datasets["train"])
-    weight_samples = n - _arch_samples(n, state.method.arch_fraction)
-    total = math.ceil(weight_samples / cfg.train.batch_size) * cfg.train.epochs
+    total = state.loaders["train"].batches.weight_batches * cfg.train.epochs
     step = 0
     for epoch in range(cfg.train.epochs):
         start = time.perf_counter()
-        step = _train_epoch(state, epoch, step, total, generator)
+        step = _train_epoch(state, epoch, step, total)
         record = {"type": "epoch", "epoch": epoch, "step": step, "seconds": time.perf_counter() - start}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
-            record["val"] = evaluate(state.model, state.datasets["val"], state.tasks)
+            record["val"] = evaluate(state.model, state.loaders["val"], state.tasks)
         state.run.log(record)
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs - 1:
             state.run.save_checkpoint(state.model, {"weights": state.optimizer})
@@ -228,7 +224,7 @@ def fit(state: RunState) -> None:
 
 def finish(state: RunState) -> dict:
     """Test metrics, the method's read-off into arch.json; returns a summary."""
-    test = evaluate(state.model, state.datasets["test"], state.tasks)
+    test = evaluate(state.model, state.loaders["test"], state.tasks)
     state.spec.decision = state.method.read_off(state.model)
     state.spec.save(state.run.arch_path)
     state.run.log({"type": "test", "test": test})

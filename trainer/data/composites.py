@@ -39,6 +39,7 @@ from taskfold.trainer.config import ConfigError, build_options
 from taskfold.trainer.data import mnist_csv
 from taskfold.trainer.data.base import DATASETS, DatasetInfo
 from taskfold.trainer.data.idx import DatasetUnavailable, load_idx_pair
+from taskfold.trainer.data.loader import as_key
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -118,7 +119,11 @@ class Placement:
 
 
 class CompositeDataset(Dataset):
-    """All composites of one split, in memory; ``images``/``targets`` give batched access."""
+    """All composites of one split, in memory: ``images`` float32 ``(N, 3, H, W)`` (normalised) and
+    ``targets`` (int64 ``(N,)`` per attribute; ``segmentation`` stored uint8 ``(N, H, W)``, int64 in
+    a batch). Batches are slices (see :mod:`taskfold.trainer.data.loader`)."""
+
+    in_memory = True
 
     def __init__(self, images: torch.Tensor, targets: dict[str, torch.Tensor], info: DatasetInfo,
                  placements: list[Placement]) -> None:
@@ -127,8 +132,13 @@ class CompositeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.images[index], {key: value[index] for key, value in self.targets.items()}
+    def __getitems__(self, keys: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        idx = torch.tensor([as_key(k).index for k in keys], dtype=torch.int64)
+        return self.images[idx], {key: value[idx].long() for key, value in self.targets.items()}
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images, targets = self.__getitems__([key])
+        return images[0], {name: value[0] for name, value in targets.items()}
 
 
 def _idx_source(root: str, split: str) -> Source:
@@ -263,7 +273,7 @@ def composites(*, split: str, size: int, num_samples: int, seed: int = 0, cache_
     reach = int(opts.overlap * cell)
 
     canvas = np.zeros((n, 3, size, size), dtype=np.float32)
-    seg = np.zeros((n, size, size), dtype=np.int64)
+    seg = np.zeros((n, size, size), dtype=np.uint8)  # at most 21 classes; int64 per batch
     targets: dict[str, torch.Tensor] = {}
     placements: list[Placement] = []
     for j, (name, kind, instance) in enumerate(slots):
@@ -285,7 +295,6 @@ def composites(*, split: str, size: int, num_samples: int, seed: int = 0, cache_
         placements.append(Placement(name, kind, instance, source.origin, source.rows[pick], label,
                                     cells[:, j].copy(), top, left, side, colour))
     targets["segmentation"] = torch.from_numpy(seg)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    images = (torch.from_numpy(canvas) - mean) / std
+    images = torch.from_numpy(canvas)  # normalised in place: the same values as (x - mean) / std
+    images.sub_(torch.tensor(MEAN).view(1, 3, 1, 1)).div_(torch.tensor(STD).view(1, 3, 1, 1))
     return CompositeDataset(images, targets, _info(opts, size, slots), placements)

@@ -1,0 +1,130 @@
+"""The item pipeline every on-disk dataset shares: decode → (train) random scale-crop and flip →
+resize to ``data.size`` → normalise.
+
+Training augmentation follows the MTAN/LibMTL ``RandomScaleCrop`` + flip: pick a scale ``s`` from
+``scales``, cut a random window of ``1/s`` of the image and resize it back up, so the labels stay
+aligned pixel for pixel. Zooming in by ``s`` brings the scene ``s`` times closer, so depth labels
+are divided by ``s`` (as the reference code does) and disparity labels multiplied by ``s``. A
+horizontal flip mirrors every dense label and negates the x component of surface normals. Dense
+labels are resampled with nearest neighbour (no blending of class ids or of invalid zeros into
+valid values); the image bilinearly, antialiased when it shrinks.
+
+The networks take square inputs (``ArchSpec.image_size``), so every image is resized to
+``data.size`` × ``data.size``; for non-square datasets (NYUv2 288×384, Cityscapes 128×256) that
+changes the aspect ratio.
+
+Every random choice comes from the sample's own generator (:func:`loader.sample_rng`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from taskfold.trainer.config import ConfigError
+from taskfold.trainer.data.base import DatasetInfo
+from taskfold.trainer.data.loader import SampleKey, as_key, sample_rng
+
+# How a label is resampled and what zoom and flip do to it.
+CLASSES = "classes"  # int map (H, W): class ids / ignore
+DEPTH = "depth"  # (1, H, W), 0 = invalid; divided by the zoom
+DISPARITY = "disparity"  # (1, H, W), 0 = invalid; multiplied by the zoom
+NORMALS = "normals"  # (3, H, W) unit vectors, all-zero = invalid; a flip negates x
+MAP = "map"  # any other dense (C, H, W) map: mirrored and resampled only
+GLOBAL = "global"  # not an image (attributes): untouched
+DENSE_KINDS = (CLASSES, DEPTH, DISPARITY, NORMALS, MAP)
+
+
+@dataclass
+class AugmentOptions:
+    """``data.options.augment`` of the on-disk datasets (applied to the train split only)."""
+
+    enabled: bool = True
+    scales: list[float] = field(default_factory=lambda: [1.0, 1.2, 1.5])
+    flip: bool = True
+
+    def check(self) -> None:
+        if not self.scales or any(s < 1.0 for s in self.scales):
+            raise ConfigError(f"data.options.augment.scales: need one or more scales >= 1 "
+                              f"(a window of 1/s of the image is zoomed in), got {self.scales}")
+
+
+def transform(image: torch.Tensor, labels: dict[str, torch.Tensor], kinds: dict[str, str], *, size: int,
+              mean: torch.Tensor, std: torch.Tensor, augment: AugmentOptions | None,
+              rng: np.random.Generator | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``image`` float ``(3, H, W)`` in [0, 1], labels at the same H × W → the training item."""
+    height, width = image.shape[-2:]
+    top, left, crop_h, crop_w, scale, flip = 0, 0, height, width, 1.0, False
+    if augment is not None and augment.enabled:
+        scale = float(augment.scales[int(rng.integers(len(augment.scales)))])
+        crop_h, crop_w = int(height / scale), int(width / scale)
+        top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+        flip = augment.flip and bool(rng.random() < 0.5)
+    rows, cols = slice(top, top + crop_h), slice(left, left + crop_w)
+    shrink = crop_h > size or crop_w > size
+    out_image = F.interpolate(image[None, :, rows, cols], size=(size, size), mode="bilinear",
+                              align_corners=False, antialias=shrink)[0]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in labels.items():
+        kind = kinds[key]
+        if kind == GLOBAL:
+            out[key] = value
+            continue
+        planes = value if value.dim() == 3 else value[None]
+        resized = F.interpolate(planes[None, :, rows, cols].float(), size=(size, size), mode="nearest")[0]
+        if kind == DEPTH:
+            resized = resized / scale
+        elif kind == DISPARITY:
+            resized = resized * scale
+        if flip:
+            resized = resized.flip(-1)
+            if kind == NORMALS:
+                resized[0] = -resized[0]
+        resized = resized.to(value.dtype)
+        out[key] = resized if value.dim() == 3 else resized[0]
+    if flip:
+        out_image = out_image.flip(-1)
+    return ((out_image - mean) / std).contiguous(), out
+
+
+class DenseFiles(Dataset):
+    """Base of the on-disk datasets: subclasses list their records and decode one.
+
+    A subclass sets ``name``, ``info``, ``kinds`` (label key → one of the kinds above), and
+    implements ``__len__`` and ``decode(index)`` → ``(image float (3, H, W) in [0, 1], labels)``.
+    """
+
+    name = ""
+
+    def __init__(self, *, size: int, info: DatasetInfo, kinds: dict[str, str],
+                 augment: AugmentOptions | None) -> None:
+        self.size, self.info, self.kinds, self.augment = size, info, kinds, augment
+        self._mean = torch.tensor(info.mean).view(3, 1, 1)
+        self._std = torch.tensor(info.std).view(3, 1, 1)
+
+    def decode(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        key = as_key(key)
+        if not 0 <= key.index < len(self):
+            raise IndexError(f"{self.name}: index {key.index} out of range 0..{len(self) - 1}")
+        image, labels = self.decode(key.index)
+        rng = sample_rng(key) if self.augment is not None else None
+        return transform(image, labels, self.kinds, size=self.size, mean=self._mean, std=self._std,
+                         augment=self.augment, rng=rng)
+
+
+def chw(array: np.ndarray) -> torch.Tensor:
+    """(H, W, C) or (H, W) numpy → float32 (C, H, W) tensor."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return tensor.permute(2, 0, 1).contiguous() if tensor.dim() == 3 else tensor[None]
+
+
+def rgb01(array: np.ndarray) -> torch.Tensor:
+    """An (H, W, 3) image (uint8 0–255, or float already in [0, 1]) → float32 (3, H, W) in [0, 1]."""
+    image = chw(array)
+    return image / 255.0 if array.dtype == np.uint8 else image
