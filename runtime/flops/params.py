@@ -6,7 +6,8 @@ mean and variance (inputs 3 and 4: statistics, which torch keeps as buffers, not
 uses by Shape and Size (they read only the dimensions), integer initializers (shapes, axes,
 indices), 0-d constants (scales such as attention's 1/sqrt(d)), Constant nodes, and subgraph
 weights. Quantised graphs count as their float originals: the integer tensor a
-DequantizeLinear reads (a quantised weight or bias) and a QLinear op's weight are parameters,
+DequantizeLinear reads (a quantised weight or bias) and the weight of an integer op (QLinearConv,
+ConvInteger, QLinearMatMul, MatMulInteger) are parameters,
 their scales and zero points are not.
 
 Why once per use rather than once per initializer: exporters merge initializers with equal
@@ -24,9 +25,11 @@ FLOAT_TYPES = frozenset({
     onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
 })
 NOT_PARAMETERS = {"BatchNormalization": (3, 4), "DequantizeLinear": (1, 2), "QuantizeLinear": (1, 2),
-                  "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7)}
+                  "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+                  "ConvInteger": (2, 3), "MatMulInteger": (2, 3)}
 # Integer initializers that are quantised weights: (op type, input slot).
-QUANTISED_WEIGHTS = {("DequantizeLinear", 0), ("QLinearConv", 3), ("QLinearConv", 8), ("QLinearMatMul", 3)}
+QUANTISED_WEIGHTS = {("DequantizeLinear", 0), ("QLinearConv", 3), ("QLinearConv", 8), ("QLinearMatMul", 3),
+                     ("ConvInteger", 1), ("MatMulInteger", 1)}
 SHAPE_ONLY = frozenset({"Shape", "Size"})
 
 
