@@ -6,9 +6,9 @@ mean and variance (inputs 3 and 4: statistics, which torch keeps as buffers, not
 uses by Shape and Size (they read only the dimensions), integer initializers (shapes, axes,
 indices), 0-d constants (scales such as attention's 1/sqrt(d)), Constant nodes, and subgraph
 weights. Quantised graphs count as their float originals: the integer tensor a
-DequantizeLinear reads (a quantised weight or bias) and the weight of an integer op (QLinearConv,
-ConvInteger, QLinearMatMul, MatMulInteger) are parameters,
-their scales and zero points are not.
+DequantizeLinear reads (a quantised weight or bias) and the weight of an integer op
+(QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger) are parameters; their scales and zero
+points are not.
 
 Why once per use rather than once per initializer: exporters merge initializers with equal
 values (a freshly initialised network has dozens of identical BatchNorm and bias tensors) and
