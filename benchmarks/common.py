@@ -11,9 +11,10 @@ import time
 from typing import Callable
 
 
-def paired_medians(candidates: dict[str, Callable[[], object]], *, rounds: int = 15, per_round: int = 5,
-                   warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured in alternating rounds."""
+def paired_samples(candidates: dict[str, Callable[[], object]], *, rounds: int = 15, per_round: int = 5,
+                   warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each candidate in every round, measured in alternating rounds (the
+    order rotates each round), so round r of every candidate saw about the same machine load."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
@@ -26,6 +27,13 @@ def paired_medians(candidates: dict[str, Callable[[], object]], *, rounds: int =
             for _ in range(per_round):
                 fn()
             samples[name].append((time.perf_counter() - start) / per_round)
+    return samples
+
+
+def paired_medians(candidates: dict[str, Callable[[], object]], *, rounds: int = 15, per_round: int = 5,
+                   warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured in alternating rounds."""
+    samples = paired_samples(candidates, rounds=rounds, per_round=per_round, warmup=warmup)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -78,12 +78,19 @@ def cmd_train(args: argparse.Namespace) -> dict:
     return {"run_dir": str(final_dir), "test": summary["test"]}
 
 
+# `taskfold compile` flags that override the run's compile.* recipe fields (flag dest = field name)
+COMPILE_FLAGS = ("tensorrt", "torch_tensorrt", "int8", "calib_images", "int8_target", "int8_max_drop",
+                 "int8_exclude", "int8_heads", "fp16", "fp16_io", "default_precision")
+
+
 def cmd_compile(args: argparse.Namespace) -> dict:
     from taskfold.compiler.compile_run import compile_run
 
-    bundle = compile_run(args.run_dir, args.output, force=args.force, tensorrt=args.tensorrt)
+    overrides = {name: getattr(args, name) for name in COMPILE_FLAGS if getattr(args, name) is not None}
+    bundle = compile_run(args.run_dir, args.output, force=args.force, **overrides)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    return {"bundle": str(bundle), "cost": manifest["cost"], "compile": manifest["compile"]}
+    return {"bundle": str(bundle), "cost": manifest["cost"], "compile": manifest["compile"],
+            "precisions": manifest.get("precisions", {}), "default_precision": manifest.get("default_precision", "fp32")}
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
@@ -94,9 +101,10 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         sizes = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise InputError(f"--batch {args.batch!r}: expected comma-separated integers, e.g. 1,8") from None
-    predictor = load(args.bundle, backend=args.backend, threads=args.threads)
+    predictor = load(args.bundle, backend=args.backend, precision=args.precision, provider=args.provider,
+                     threads=args.threads)
     rows = benchmark(predictor, sizes, warmup=args.warmup, iters=args.iters)
-    return {"bundle": args.bundle, "backend": args.backend, "results": rows}
+    return {"bundle": args.bundle, "backend": args.backend, "precision": predictor.precision, "results": rows}
 
 
 def cmd_predict(args: argparse.Namespace) -> dict:
@@ -112,7 +120,7 @@ def cmd_predict(args: argparse.Namespace) -> dict:
         images = np.load(source, allow_pickle=False)
     except (ValueError, EOFError, OSError) as exc:
         raise InputError(f"{source}: not a .npy array ({exc})") from None
-    outputs = load(args.bundle)(images)
+    outputs = load(args.bundle, precision=args.precision, provider=args.provider)(images)
     out = Path(args.output) if args.output else source.with_suffix(".out.npz")
     if out.suffix != ".npz":  # np.savez would append it; say where the file really is
         out = out.with_name(out.name + ".npz")
@@ -124,14 +132,19 @@ def cmd_flops(args: argparse.Namespace) -> dict:
     from taskfold.runtime import count_onnx, verify_bundle
     from taskfold.runtime.errors import BundleError
 
+    from taskfold.runtime.precision import graph_file, resolve_precision
+
     path = Path(args.path)
     if path.is_dir():
-        verify_bundle(path)
-        path = path / "model.onnx"
+        manifest = verify_bundle(path)
+        path = path / graph_file(manifest, resolve_precision(manifest, args.precision or "fp32"))
     elif not path.is_file():
         raise BundleError(f"no such file or bundle: {path}")
+    elif args.precision is not None:
+        raise BundleError(f"--precision picks a graph of a bundle folder; {path} is one graph file")
     cost = count_onnx(path)
     return {"path": str(path), "macs": cost.macs, "params": cost.params, "gmacs": cost.macs / 1e9,
+            "macs_by_precision": cost.macs_by_precision,
             "per_output_macs": cost.per_output_macs, "per_op_type": cost.per_op_type}
 
 
@@ -143,9 +156,11 @@ def _apply_quiet(cfg, args: argparse.Namespace) -> None:
 def _print_human(command: str, result: dict) -> None:
     if command == "flops":
         print(f"{result['path']}: {result['gmacs']:.4f} GMACs, {result['params'] / 1e6:.3f} M params")
+        print("  " + ", ".join(f"{p.upper()} {m / 1e6:.2f} MMACs" for p, m in result["macs_by_precision"].items()))
         for name, macs in result["per_output_macs"].items():
             print(f"  output {name}: {macs / 1e6:.2f} MMACs")
     elif command == "bench":
+        print(f"{result['precision']} graph")
         print(f"{'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'img/s':>9}  provider (threads)")
         for r in result["results"]:
             print(f"{r['batch']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} "
@@ -160,6 +175,39 @@ def _print_human(command: str, result: dict) -> None:
             print(f"  {task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if "cost" in result:
             print(f"cost: {result['cost']['macs'] / 1e6:.2f} MMACs, {result['cost']['params'] / 1e6:.3f} M params")
+        for precision, entry in result.get("precisions", {}).items():
+            if "delta" in entry:  # a variant: its largest change of each task's metrics against FP32
+                changes = ", ".join(f"{task} {metric} {delta:+.4f}" for task, metrics in entry["delta"].items()
+                                    for metric, delta in metrics.items() if metric != "loss")
+                print(f"{precision}: {entry['file']} ({changes})")
+
+
+def add_compile_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that override the run's compile.* recipe fields (absent: the recipe's value)."""
+    on = {"action": "store_true", "default": None}
+    p.add_argument("--tensorrt", **on, help="also build a TensorRT engine (needs CUDA); with --fp16/--int8 "
+                   "from the FP16/QDQ graph")
+    p.add_argument("--torch-tensorrt", **on, help="also compile a torch-tensorrt program model.trt.ep (needs CUDA)")
+    p.add_argument("--int8", **on, help="add model.int8.onnx: ORT static quantisation (QDQ, per-channel)")
+    p.add_argument("--calib-images", type=int, help="training images that calibrate INT8 (default 256)")
+    p.add_argument("--int8-target", choices=("auto", "avx2", "vnni", "arm", "tensorrt"),
+                   help="CPU the INT8 graph is for (default auto: this one)")
+    p.add_argument("--int8-max-drop", action="append", metavar="[TASK.]METRIC=VALUE",
+                   help="largest accepted drop, absolute or N%% (default: 1%% of each task's main metric)")
+    p.add_argument("--int8-exclude", action="append", metavar="OP_TYPE|NODE", help="keep these nodes in FP32")
+    p.add_argument("--int8-heads", choices=("auto", "int8", "fp32"),
+                   help="auto: heads in FP32 if INT8 heads break the guard (default)")
+    p.add_argument("--fp16", **on, help="add model.fp16.onnx (FP32 inputs/outputs, casts at the edges)")
+    p.add_argument("--fp16-io", **on, help="FP16 inputs and outputs for the FP16 graph")
+    p.add_argument("--default-precision", choices=("fp32", "int8", "fp16"),
+                   help="the graph load() runs when not told (default fp32)")
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("fp32", "int8", "fp16"),
+                   help="which graph of the bundle (default: the bundle's default, fp32 unless compiled otherwise)")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"),
+                   help="onnxruntime execution provider (default auto: CUDA when usable, else CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,14 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a run directory into a bundle")
     p.add_argument("run_dir")
     p.add_argument("-o", "--output", help="bundle folder (default RUN_DIR/bundle)")
-    p.add_argument("--force", action="store_true", help="strip even when checks advise against it")
-    p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (needs CUDA)")
+    p.add_argument("--force", action="store_true",
+                   help="strip even when checks advise against it; keep an INT8/FP16 graph the accuracy guard refuses")
+    add_compile_flags(p)
     add_common(p)
 
     p = sub.add_parser("bench", help="latency of a bundle")
     p.add_argument("bundle")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | torch")
+    add_runtime_flags(p)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: runtime's)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
@@ -199,10 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("input", help=".npy file")
     p.add_argument("-o", "--output", help=".npz file for the outputs (default INPUT.out.npz)")
+    add_runtime_flags(p)
     add_common(p)
 
     p = sub.add_parser("flops", help="MACs and params of a bundle or any .onnx file")
     p.add_argument("path")
+    p.add_argument("--precision", choices=("fp32", "int8", "fp16"), help="which graph of a bundle (default fp32)")
     add_common(p)
     return parser
 

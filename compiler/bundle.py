@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ def write_bundle(
     parity_tol: float = 1e-4,
     compile_info: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    variants: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
     """Compile ``model`` into the bundle folder ``out_dir`` (replaced if it exists); returns it.
 
@@ -86,6 +87,7 @@ def write_bundle(
             "cost": measured["cost"],
             "compile": {**(compile_info or {}), **measured["compile"]},  # measured values win
             "provenance": provenance or {},
+            **(variants(tmp) if variants is not None else {}),
         }
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)

@@ -3,21 +3,28 @@ method does not need at inference, then fold/export/validate/write via :func:`wr
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from taskfold.compiler.bundle import write_bundle
 from taskfold.compiler.errors import CompileError
-from taskfold.compiler.tensorrt import add_engine_to_bundle
+from taskfold.compiler.int8 import quantize_int8, scheme_for
+from taskfold.compiler.precision import FP16_FILE, PARITY_IMAGES, EvalData, PrecisionPlan, build_variants
+from taskfold.compiler.accuracy import resolve_limits
+from taskfold.compiler.tensorrt import build_engine_into, tensorrt_unavailable_reason
+from taskfold.compiler.torch_trt import compile_torch_tensorrt, torch_tensorrt_unavailable_reason
 from taskfold.compiler.strip import STRIPPERS
 from taskfold.compiler import strip_aux, strip_branch, strip_group  # noqa: F401  (register the method strippers)
 from taskfold.models.nets import build_network
-from taskfold.runtime.cuda import cuda_unavailable_reason
-from taskfold.trainer.config import Config
+from taskfold.trainer.config import CompileConfig, Config, config_from_dict
 from taskfold.trainer.data import create_dataset
 from taskfold.trainer.data.loader import load_batch
+from taskfold.trainer.report import PRECISION_HEADING, precision_section, replace_section
 from taskfold.trainer.rundir import RunDir
 
 
@@ -53,15 +60,50 @@ def load_trained(run: RunDir):
     return cfg, spec, model.eval()
 
 
+def compile_settings(cfg: Config, overrides: dict[str, Any]) -> CompileConfig:
+    """The run's ``compile.*`` fields with ``overrides`` applied, validated like a recipe."""
+    raw = cfg.to_dict()
+    raw["compile"].update(overrides)
+    return config_from_dict(raw).compile
+
+
+def precision_data(cfg: Config, calib_images: int) -> EvalData:
+    """The run's whole test split and tasks (to score each graph) and the first ``calib_images``
+    images of its training split, preprocessed as in training (to calibrate INT8 ranges)."""
+    from taskfold.trainer.loop import build_tasks, eval_loader
+
+    d = cfg.data
+    test = create_dataset(d.dataset, "test", size=d.size, num_samples=d.test_size, seed=d.seed,
+                          cache_dir=d.cache_dir, root=d.root, **d.options)
+    train = create_dataset(d.dataset, "train", size=d.size, num_samples=min(calib_images, d.train_size),
+                           seed=d.seed, cache_dir=d.cache_dir, root=d.root, **d.options)
+    calibration = load_batch(train, range(len(train)))[0]
+    return EvalData(test=eval_loader(test, workers=d.workers), tasks=build_tasks(cfg, test.info),
+                    calibration=calibration.numpy().astype("float32", copy=False),
+                    parity_images=load_batch(test, range(min(PARITY_IMAGES, len(test))))[0])
+
+
 def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force: bool = False,
-                tensorrt: bool = False) -> Path:
-    """Compile ``run_dir`` into ``out_dir`` (default ``run_dir/bundle``); returns the bundle path."""
+                **settings: Any) -> Path:
+    """Compile ``run_dir`` into ``out_dir`` (default ``run_dir/bundle``); returns the bundle path.
+
+    ``settings`` override the run's ``compile.*`` recipe fields for this compile, by their
+    CompileConfig names (``tensorrt=True``, ``int8=True``, ``calib_images=64``,
+    ``int8_max_drop=["seg.miou=0.01"]``, ``fp16=True``, ...). ``force`` also keeps a lower-precision
+    graph that breaks the accuracy guard (the manifest then says so).
+    """
     run = RunDir(run_dir)
     cfg, spec, model = load_trained(run)
-    if tensorrt:  # fail before the (slow) export when the engine cannot be built here
-        reason = cuda_unavailable_reason()
+    options = compile_settings(cfg, settings)
+    for wanted, why_not in ((options.tensorrt, tensorrt_unavailable_reason),
+                            (options.torch_tensorrt, torch_tensorrt_unavailable_reason)):
+        reason = why_not() if wanted else None  # fail before the (slow) export
         if reason is not None:
-            raise CompileError(f"--tensorrt needs CUDA: {reason}")
+            raise CompileError(reason)
+    plan = PrecisionPlan.from_settings(options, force=force)
+    data = precision_data(cfg, options.calib_images) if plan.wanted else None
+    if data is not None:
+        resolve_limits(plan.max_drops, data.tasks)  # a misspelt task or metric fails now, not after export
     stripper = STRIPPERS.get(spec.method)
     parity_inputs = held_out_images(cfg, cfg.compile.parity_samples)
     result = stripper(model, spec, force=force, reference_inputs=parity_inputs, options=cfg.method_options)
@@ -75,6 +117,18 @@ def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force
                                   cache_dir=info.cache_dir, root=info.root, **info.options).info
     config_sha = hashlib.sha256(run.config_path.read_bytes()).hexdigest()
     test_metrics = run.test_metrics()
+    image_shape = (3, spec.image_size, spec.image_size)
+
+    def extras(folder: Path) -> dict[str, Any]:
+        """Lower-precision graphs and GPU programs, written into the bundle before it is signed."""
+        added = build_variants(folder, plan, data) if plan.wanted else {}
+        if options.tensorrt:
+            added.update(_engine(folder, options, data, image_shape))
+        if options.torch_tensorrt:
+            added.update(compile_torch_tensorrt(result.model, folder, image_shape=image_shape,
+                                                output_names=result.outputs, fp16=options.fp16))
+        return added
+
     bundle = write_bundle(
         Path(out_dir) if out_dir else run.bundle_path,
         model=result.model,
@@ -88,7 +142,22 @@ def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force
         parity_tol=cfg.compile.parity_tol,
         compile_info=result.info,
         provenance={"config_sha256": config_sha, "git_commit": _git_commit(), "metrics": test_metrics},
+        variants=extras,
     )
-    if tensorrt:
-        add_engine_to_bundle(bundle)
+    if plan.wanted and run.report_path.is_file():
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        replace_section(run.report_path, PRECISION_HEADING, precision_section(manifest))
     return bundle
+
+
+def _engine(folder: Path, options: CompileConfig, data: EvalData | None, image_shape: tuple[int, int, int]
+            ) -> dict[str, Any]:
+    """``model.plan`` from the graph of the asked precision: QDQ for INT8 (quantised with TensorRT's
+    symmetric scheme, not kept), the FP16 graph for FP16, else ``model.onnx``."""
+    if not options.int8:
+        source = folder / (FP16_FILE if options.fp16 else "model.onnx")
+        return build_engine_into(folder, source, image_shape=image_shape, precision="fp16" if options.fp16 else "fp32")
+    with tempfile.TemporaryDirectory() as tmp:
+        qdq = Path(tmp) / "model.int8.tensorrt.onnx"
+        quantize_int8(folder / "model.onnx", qdq, data.calibration, scheme_for("tensorrt"))
+        return build_engine_into(folder, qdq, image_shape=image_shape, precision="int8")

@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: one InferenceSession over the bundle's ``model.onnx``.
+"""The ONNX Runtime backend: one InferenceSession over one of the bundle's graphs (by precision).
 
 Execution providers are never swapped behind the caller's back. ONNX Runtime itself quietly
 drops a provider whose initialisation fails (e.g. CUDA without a GPU) and runs on the CPU;
@@ -15,6 +15,8 @@ import onnxruntime as ort
 
 from taskfold.runtime.cuda import cuda_unavailable_reason
 from taskfold.runtime.errors import BackendUnavailable, InputError
+from taskfold.runtime.precision import check_int8_cpu, graph_file
+from taskfold.runtime.providers import wheel_advice
 
 ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
 DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
@@ -40,10 +42,12 @@ class OrtBackend:
         bundle: Path,
         manifest: dict[str, Any],
         *,
+        precision: str = "fp32",
         providers: Sequence[ProviderSpec] | None = None,
         threads: int | None = None,
     ) -> None:
         requested = list(providers) if providers else list(DEFAULT_PROVIDERS)
+        check_int8_cpu(manifest, precision, [_provider_name(s) for s in requested])
         available = ort.get_available_providers()
         for spec in requested:
             name = _provider_name(spec)
@@ -51,7 +55,7 @@ class OrtBackend:
                 raise BackendUnavailable(
                     f"onnxruntime provider {name!r} is not available in this onnxruntime build "
                     f"(available: {', '.join(available)})"
-                    + ("; install onnxruntime-gpu for CUDA" if name == "CUDAExecutionProvider" else "")
+                    + (f"; {wheel_advice()}" if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "")
                 )
         if threads is not None and threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
@@ -60,12 +64,12 @@ class OrtBackend:
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
         self.session = ort.InferenceSession(
-            str(bundle / "model.onnx"), sess_options=options, providers=requested
+            str(bundle / graph_file(manifest, precision)), sess_options=options, providers=requested
         )
         used = self.session.get_providers()
         dropped = [_provider_name(s) for s in requested if _provider_name(s) not in used]
         if dropped:
-            reason = _cuda_reason(dropped) or "see the onnxruntime log for the cause"
+            reason = _cuda_reason(dropped) or "see the onnxruntime log for the cause (CUDA and cuDNN libraries?)"
             raise BackendUnavailable(
                 f"onnxruntime could not start provider(s) {', '.join(dropped)} "
                 f"(it would have run on {', '.join(used)} instead): {reason}"

@@ -39,11 +39,16 @@ class TrtBackend:
         bundle: Path,
         manifest: dict[str, Any],
         *,
+        precision: str = "fp32",
         providers: Sequence[Any] | None = None,
         threads: int | None = None,
     ) -> None:
         if providers or threads is not None:
             raise BackendUnavailable("providers and threads apply to the onnxruntime backend only")
+        built = manifest.get("tensorrt", {}).get("precision", "fp32")
+        if PLAN in manifest["files"] and precision != built:
+            raise BackendUnavailable(f"backend 'tensorrt': {PLAN} was built for {built}, not {precision} "
+                                     f"(rebuild with `taskfold compile RUN --tensorrt --{precision}`)")
         reason = cuda_unavailable_reason()
         if reason is not None:
             raise BackendUnavailable(f"backend 'tensorrt' needs CUDA: {reason}")

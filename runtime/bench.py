@@ -31,7 +31,8 @@ def benchmark(
     iters: int = 30,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """One row per batch size: batch, p50/p90/p99/mean latency in ms, throughput_ips, provider, threads."""
+    """One row per batch size: batch, p50/p90/p99/mean latency in ms, throughput_ips, precision,
+    provider, threads."""
     if iters < 1 or warmup < 0:
         raise InputError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     rng = np.random.default_rng(seed)
@@ -57,6 +58,7 @@ def benchmark(
             "p99_ms": float(p99),
             "mean_ms": mean_ms,
             "throughput_ips": batch * 1e3 / mean_ms,
+            "precision": predictor.precision,
             "provider": predictor.provider,
             "threads": predictor.threads,
         })

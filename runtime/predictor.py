@@ -3,7 +3,9 @@
 The predictor hides which method produced the graph: every bundle is one graph with one
 output per task, and the manifest maps each task to its output name. Backends are looked up
 by name in ``BACKENDS``; an unknown name or an unusable backend raises BackendUnavailable
-listing what exists, never a silent substitute.
+listing what exists, never a silent substitute. ``precision`` picks which of the bundle's
+graphs runs (FP32, or an INT8/FP16 variant the compiler added) and ``provider`` where
+(:mod:`taskfold.runtime.providers`); the predictor reports both.
 """
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from taskfold.runtime.backend_ort import OrtBackend
+from taskfold.runtime.backend_torch import TorchBackend
 from taskfold.runtime.backend_trt import TrtBackend
 from taskfold.runtime.bundle import verify_bundle
 from taskfold.runtime.errors import BackendUnavailable, BundleError
 from taskfold.runtime.inputs import check_images
+from taskfold.runtime.precision import input_spec, resolve_precision
+from taskfold.runtime.providers import execution_providers
 
 
 class Backend(Protocol):
@@ -29,17 +34,21 @@ class Backend(Protocol):
     def run(self, images: np.ndarray, output_names: list[str]) -> list[np.ndarray]: ...
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"onnxruntime": OrtBackend, "tensorrt": TrtBackend}
+BACKENDS: dict[str, Callable[..., Backend]] = {"onnxruntime": OrtBackend, "tensorrt": TrtBackend,
+                                               "torch": TorchBackend}
 
 
 class Predictor:
     """A loaded bundle. Call it with an ``(N, C, H, W)`` float32 batch to get ``{task: array}``."""
 
-    def __init__(self, bundle: Path, manifest: dict[str, Any], backend: Backend, backend_name: str) -> None:
+    def __init__(self, bundle: Path, manifest: dict[str, Any], backend: Backend, backend_name: str,
+                 precision: str = "fp32") -> None:
         self.bundle = bundle
         self.manifest = manifest
         self.backend = backend_name
+        self.precision = precision
         self._backend = backend
+        self._input_spec = input_spec(manifest, precision)
         self._outputs = [task["output"] for task in self.tasks]
 
     @property
@@ -49,8 +58,9 @@ class Predictor:
 
     @property
     def input_spec(self) -> dict[str, Any]:
-        """The manifest's ``input``: name, shape (-1 = any), dtype, layout, mean, std."""
-        return self.manifest["input"]
+        """The manifest's ``input``: name, shape (-1 = any), dtype, layout, mean, std (dtype float16
+        for an FP16 graph compiled with FP16 inputs)."""
+        return self._input_spec
 
     @property
     def cost(self) -> dict[str, Any]:
@@ -74,20 +84,25 @@ class Predictor:
 
     def __repr__(self) -> str:
         names = ", ".join(task["name"] for task in self.tasks)
-        return f"Predictor({self.manifest['name']!r}, tasks=[{names}], provider={self.provider!r})"
+        return (f"Predictor({self.manifest['name']!r}, tasks=[{names}], precision={self.precision!r}, "
+                f"provider={self.provider!r})")
 
 
 def load(
     bundle: str | os.PathLike[str],
     backend: str = "onnxruntime",
     *,
+    precision: str | None = None,
+    provider: str | None = None,
     providers: Sequence[Any] | None = None,
     threads: int | None = None,
 ) -> Predictor:
     """Verify ``bundle`` (sha256 of every file) and open it with ``backend``.
 
-    ``providers`` (onnxruntime only) lists execution providers in priority order, default CPU;
-    a requested provider that cannot start raises BackendUnavailable. ``threads`` sets the
+    ``precision`` ("fp32", "int8", "fp16"; default: the manifest's ``default_precision``, else
+    fp32) picks the graph. ``provider`` (onnxruntime only: "auto" (default), "cpu", "cuda",
+    "tensorrt") picks the execution providers, and ``providers`` lists them explicitly instead;
+    a provider asked for by name that cannot start raises BackendUnavailable. ``threads`` sets the
     intra-op thread count (default: every CPU this process may use).
     """
     if backend not in BACKENDS:
@@ -99,5 +114,12 @@ def load(
     outputs = [task.get("output") for task in manifest["tasks"]]
     if not outputs or not all(isinstance(name, str) for name in outputs):
         raise BundleError(f"bundle {folder}: every task in manifest.json needs an 'output' name")
-    runner = BACKENDS[backend](folder, manifest, providers=providers, threads=threads)
-    return Predictor(folder, manifest, runner, backend)
+    chosen = resolve_precision(manifest, precision)
+    if backend == "onnxruntime":
+        if provider is not None and providers is not None:
+            raise BackendUnavailable("give provider= (auto, cpu, cuda, tensorrt) or providers= (a list), not both")
+        providers = providers if providers is not None else execution_providers(provider or "auto")
+    elif provider is not None:
+        raise BackendUnavailable(f"provider= applies to the onnxruntime backend, not {backend!r}")
+    runner = BACKENDS[backend](folder, manifest, precision=chosen, providers=providers, threads=threads)
+    return Predictor(folder, manifest, runner, backend, chosen)

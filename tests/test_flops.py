@@ -158,3 +158,59 @@ def test_registry_and_uncounted_ops() -> None:
     ))
     cost = count_onnx(relu_only)
     assert (cost.macs, cost.params, cost.per_node, cost.per_output_macs) == (0, 0, [], {"y": 0})
+
+
+def _quantised_graph() -> onnx.ModelProto:
+    """Integer ops (QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger), a QDQ-wrapped Conv and a
+    float Conv, each with a hand-computable MAC count."""
+    rng = np.random.default_rng(0)
+    q8 = lambda name, shape: numpy_helper.from_array(rng.integers(-8, 8, size=shape).astype(np.int8), name)  # noqa: E731
+    scalar = lambda name, value, dtype: numpy_helper.from_array(np.array(value, dtype), name)  # noqa: E731
+    inits = [
+        q8("w_q", (6, 4, 3, 3)), numpy_helper.from_array(np.full(6, 0.1, np.float32), "w_scale"),
+        numpy_helper.from_array(np.zeros(6, np.int8), "w_zero"), numpy_helper.from_array(np.zeros(6, np.int32), "b_q"),
+        scalar("s", 0.05, np.float32), scalar("z", 128, np.uint8), scalar("s_w", 0.1, np.float32), scalar("z_w", 0, np.int8),
+        q8("w_int", (5, 6, 1, 1)), q8("m_q", (8, 3)), q8("m_int", (8, 2)),
+        _init("w_float", (2, 6, 3, 3), rng),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["x_q"]),
+        helper.make_node("QLinearConv", ["x_q", "s", "z", "w_q", "w_scale", "w_zero", "s", "z", "b_q"], ["c1_q"],
+                         pads=[1, 1, 1, 1]),  # (1,6,8,8): 6·8·8·4·9
+        helper.make_node("DequantizeLinear", ["c1_q", "s", "z"], ["c1"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"], axis=0),
+        helper.make_node("Conv", ["c1_dq_in", "w_dq"], ["c2"], pads=[1, 1, 1, 1]),  # QDQ conv: 6·8·8·4·9
+        helper.make_node("ConvInteger", ["c1_q", "w_int", "z"], ["c3"]),  # (1,5,8,8): 5·8·8·6
+        helper.make_node("Conv", ["c1", "w_float"], ["c4"], pads=[1, 1, 1, 1]),  # float: 2·8·8·6·9
+        helper.make_node("Reshape", ["c1_q", "rows_shape"], ["rows_q"]),
+        helper.make_node("QLinearMatMul", ["rows_q", "s", "z", "m_q", "s_w", "z_w", "s", "z"], ["mm_q"]),  # (48,3): 48·3·8
+        helper.make_node("MatMulInteger", ["rows_q", "m_int", "z"], ["mm_int"]),  # (48,2): 48·2·8
+    ]
+    inits += [numpy_helper.from_array(np.array([48, 8], np.int64), "rows_shape")]
+    nodes.insert(4, helper.make_node("DequantizeLinear", ["x_q", "s", "z"], ["c1_dq_in"]))  # the QDQ conv's input
+    outputs = [("c2", TensorProto.FLOAT, [1, 6, 8, 8]), ("c3", TensorProto.INT32, [1, 5, 8, 8]),
+               ("c4", TensorProto.FLOAT, [1, 2, 8, 8]), ("mm_q", TensorProto.UINT8, [48, 3]),
+               ("mm_int", TensorProto.INT32, [48, 2])]
+    graph = helper.make_graph(nodes, "quantised", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info(*o) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_integer_and_qdq_ops_count_as_int8_macs() -> None:
+    model = _quantised_graph()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    shapes = [v.shape for v in session.run(None, {"x": np.zeros((1, 4, 8, 8), np.float32)})]
+    assert shapes == [(1, 6, 8, 8), (1, 5, 8, 8), (1, 2, 8, 8), (48, 3), (48, 2)]  # what the formulas assume
+
+    qlinear_conv = qdq_conv = 6 * 8 * 8 * 4 * 9
+    conv_integer, float_conv = 5 * 8 * 8 * 6, 2 * 8 * 8 * 6 * 9
+    qlinear_matmul, matmul_integer = 48 * 3 * 8, 48 * 2 * 8
+    cost = count_onnx(model)
+    int8 = qlinear_conv + qdq_conv + conv_integer + qlinear_matmul + matmul_integer
+    assert cost.macs_by_precision == {"int8": int8, "fp32": float_conv}
+    assert cost.macs == int8 + float_conv
+    # Quantised weights are parameters, once per consuming node like float ones (w_q feeds QLinearConv
+    # and a DequantizeLinear), and so is QLinearConv's int32 bias; scales and zero points are not.
+    assert cost.params == 2 * (6 * 4 * 9) + 6 + 5 * 6 + 8 * 3 + 8 * 2 + 2 * 6 * 9

@@ -77,6 +77,17 @@ class CompileConfig:
     parity_tol: float = 1e-4
     parity_samples: int = 8
     tensorrt: bool = False
+    # lower-precision variants next to model.onnx (compiler/precision.py), each scored per task
+    int8: bool = False
+    calib_images: int = 256  # training-split images that calibrate the INT8 ranges
+    int8_target: str = "auto"  # auto (this CPU) | avx2 | vnni | arm | tensorrt
+    int8_max_drop: list[str] = field(default_factory=list)  # ["seg.miou=0.01", "mean=2%"]; [] = 1 % of each main metric
+    int8_exclude: list[str] = field(default_factory=list)  # op types or node names kept in FP32
+    int8_heads: str = "auto"  # auto (FP32 heads if INT8 ones break the guard) | int8 | fp32
+    fp16: bool = False
+    fp16_io: bool = False  # FP16 graph inputs/outputs too (default: FP32 with casts at the edges)
+    default_precision: str = "fp32"  # what load() runs when the caller does not say
+    torch_tensorrt: bool = False
 
 
 @dataclass
@@ -281,8 +292,26 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"data.workers: must be >= 0 (or null for the default), got {cfg.data.workers}")
     if cfg.train.lr <= 0:
         problems.append(f"train.lr: must be > 0, got {cfg.train.lr}")
+    _check_compile(cfg.compile, problems)
     if any(b < 1 for b in cfg.bench.batches):
         problems.append(f"bench.batches: every batch size must be >= 1, got {cfg.bench.batches}")
+
+
+COMPILE_CHOICES = {
+    "int8_target": ("auto", "avx2", "vnni", "arm", "tensorrt"),
+    "int8_heads": ("auto", "int8", "fp32"),
+    "default_precision": ("fp32", "int8", "fp16"),
+}
+
+
+def _check_compile(c: CompileConfig, problems: list[str]) -> None:
+    for name, choices in COMPILE_CHOICES.items():
+        if getattr(c, name) not in choices:
+            problems.append(f"compile.{name}: expected one of {', '.join(choices)}, got {getattr(c, name)!r}")
+    if c.calib_images < 1:
+        problems.append(f"compile.calib_images: must be >= 1, got {c.calib_images}")
+    if c.default_precision != "fp32" and not getattr(c, c.default_precision):
+        problems.append(f"compile.default_precision: {c.default_precision} needs compile.{c.default_precision}: true")
 
 
 def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:

@@ -60,10 +60,17 @@ def build_loaders(cfg: Config, datasets: dict, *, arch_fraction: float = 0.0,
     others in order; ``pin_memory`` when batches go to a CUDA device."""
     plans = {"train": EpochBatches(len(datasets["train"]), cfg.train.batch_size, seed=cfg.train.seed,
                                    arch_fraction=arch_fraction)}
+    loaders = {"train": SplitLoader(datasets["train"], plans["train"], workers=cfg.data.workers,
+                                    pin_memory=pin_memory)}
     for split in ("val", "test"):
-        plans[split] = EpochBatches(len(datasets[split]), EVAL_BATCH_SIZE, shuffle=False)
-    return {split: SplitLoader(datasets[split], plan, workers=cfg.data.workers, pin_memory=pin_memory)
-            for split, plan in plans.items()}
+        loaders[split] = eval_loader(datasets[split], workers=cfg.data.workers, pin_memory=pin_memory)
+    return loaders
+
+
+def eval_loader(dataset, *, workers: int | None = None, pin_memory: bool = False) -> SplitLoader:
+    """A split read once in order, in batches of EVAL_BATCH_SIZE (what :func:`evaluate` walks)."""
+    return SplitLoader(dataset, EpochBatches(len(dataset), EVAL_BATCH_SIZE, shuffle=False),
+                       workers=workers, pin_memory=pin_memory)
 
 
 def build_tasks(cfg: Config, info) -> list:

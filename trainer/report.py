@@ -84,9 +84,64 @@ def _cost_table(manifest: dict, bench_rows: list[dict]) -> list[str]:
              f"| MACs per image | {cost['macs'] / 1e6:.2f} M |",
              f"| parameters | {cost['params'] / 1e6:.3f} M |"]
     for row in bench_rows:
-        lines.append(f"| p50 latency, batch {row['batch']} ({row['provider']}, {row['threads']} threads) "
+        precision = f"{row['precision']}, " if "precision" in row else ""
+        lines.append(f"| p50 latency, batch {row['batch']} ({precision}{row['provider']}, {row['threads']} threads) "
                      f"| {row['p50_ms']:.2f} ms ({row['throughput_ips']:.0f} img/s) |")
     return lines
+
+
+PRECISION_HEADING = "## Lower precision: accuracy per task"
+
+
+def precision_section(manifest: dict) -> list[str]:
+    """Each task's test metrics for every graph the bundle holds and the change against FP32, with
+    how the INT8 graph was made (scheme, calibration, what stayed FP32, guard, saturation)."""
+    precisions = manifest.get("precisions", {})
+    variants = [p for p in precisions if p != "fp32"]
+    if not variants:
+        return []
+    head = "| task | metric | FP32 | " + " | ".join(f"{p.upper()} | Δ {p.upper()}" for p in variants) + " |"
+    lines = [PRECISION_HEADING, "", "Test split, each task's own metrics, graphs run by ONNX Runtime on the CPU "
+             f"(the bundle's default is {manifest.get('default_precision', 'fp32')}).", "",
+             head, "|---|---|---|" + "---|---|" * len(variants)]
+    for task, metrics in precisions["fp32"]["metrics"].items():
+        for metric, value in metrics.items():
+            if metric == "loss":
+                continue
+            cells = [f"{precisions[p]['metrics'][task][metric]:.4f} | {precisions[p]['delta'][task][metric]:+.4f}"
+                     for p in variants]
+            lines.append(f"| {task} | {metric} | {value:.4f} | " + " | ".join(cells) + " |")
+    int8 = precisions.get("int8")
+    if int8:
+        scheme, excluded, guard = int8["scheme"], int8["excluded"], int8["guard"]
+        kept = excluded["nodes"] + excluded["heads_fp32"]
+        lines += ["", f"INT8: QDQ, {scheme['activations']} activations, {scheme['weights']} per-channel weights"
+                  f"{', 7-bit (reduce_range)' if scheme['reduce_range'] else ''}, for {scheme['target']} "
+                  f"({scheme['reason']}); calibrated on {scheme['calibration_images']} training images.",
+                  f"- kept in FP32: {len(kept)} node(s)" + (f" ({len(excluded['heads_fp32'])} head nodes, "
+                                                          f"policy {excluded['heads_policy']})" if excluded['heads_fp32'] else ""),
+                  f"- guard ({', '.join(guard['limits'])}): "
+                  + ("; ".join(guard["violations"]) + (" — kept with --force" if guard["forced"] else "")
+                     if guard["violations"] else "passed"),
+                  f"- fused integer convolutions on this CPU: {int8['fused_convs']['int8']} of {int8['fused_convs']['all']}",
+                  "- saturation check: " + (int8["saturation"]["skipped"] if "skipped" in int8["saturation"] else
+                                            f"largest error {int8['saturation']['max_step_error']} quantisation step(s) "
+                                            f"over {int8['saturation']['convs_checked']} fused convs"),
+                  "- MACs by precision: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in int8["macs_by_precision"].items())]
+    return lines + [""]
+
+
+def replace_section(path: Path, heading: str, lines: list[str]) -> None:
+    """Put ``lines`` (a section starting with ``heading``) into the markdown file ``path`` in place of
+    its current ``heading`` section, or at the end when it has none."""
+    text = path.read_text().splitlines()
+    start = next((i for i, line in enumerate(text) if line == heading), None)
+    if start is None:
+        text = text + [""] + lines
+    else:
+        end = next((i for i in range(start + 1, len(text)) if text[i].startswith("## ")), len(text))
+        text = text[:start] + lines + text[end:]
+    path.write_text("\n".join(text).rstrip("\n") + "\n")
 
 
 def baseline_results(path: str, task_names: list[str]) -> dict[str, dict[str, float]]:
@@ -142,6 +197,7 @@ def write_report(run: RunDir, *, summary: dict, manifest: dict | None = None,
                            ("prune_drift_max_abs", "output drift, pruned vs full network")):
             if key in compile_info:
                 lines.append(f"- {label}: {compile_info[key]:.3g}")
+        lines += ["", *precision_section(manifest)]
     lines += ["## Training curves", "", f"![training curves]({plot.name})", ""]
     for prefix, title in (("weighting", "Loss weighting (learned weights, uncertainties)"),
                           ("arch", "Architecture parameters")):

@@ -26,6 +26,7 @@ class OnnxCost:
     per_output_macs: dict[str, int] = field(default_factory=dict)
     per_node: list[tuple[str, str, int]] = field(default_factory=list)
     used_onnxruntime_for_shapes: bool = False
+    macs_by_precision: dict[str, int] = field(default_factory=dict)  # "int8" / "fp16" / "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``per_node`` rows become lists)."""
@@ -60,6 +61,28 @@ def _ancestors(graph: onnx.GraphProto, output: str, producer: dict[str, int]) ->
     return seen
 
 
+INTEGER_OPS = frozenset({"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger"})
+
+
+def node_precision(node: onnx.NodeProto, producer_ops: dict[str, str], elem_types: dict[str, int]) -> str:
+    """``int8`` for integer ops and for ops whose first two operands are both dequantised (QDQ),
+    ``fp16`` when an operand is float16, else ``fp32``."""
+    if node.op_type in INTEGER_OPS:
+        return "int8"
+    operands = [name for name in node.input[:2] if name]
+    if operands and all(producer_ops.get(name) == "DequantizeLinear" for name in operands):
+        return "int8"
+    return "fp16" if any(elem_types.get(name) == onnx.TensorProto.FLOAT16 for name in operands) else "fp32"
+
+
+def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """Element types the graph declares (inputs, initializers, value_info, outputs)."""
+    types = {init.name: init.data_type for init in graph.initializer}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        types.setdefault(value.name, value.type.tensor_type.elem_type)
+    return types
+
+
 def count_onnx(
     model_or_path: onnx.ModelProto | str | os.PathLike[str], input_shape: Sequence[int] | None = None
 ) -> OnnxCost:
@@ -79,6 +102,10 @@ def count_onnx(
     node_macs: dict[int, int] = {}
     per_op_type: dict[str, int] = {}
     per_node: list[tuple[str, str, int]] = []
+    by_precision: dict[str, int] = {}
+    producer = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+    producer_ops = {name: graph.node[index].op_type for name, index in producer.items()}
+    elem_types = _elem_types(graph)
     for index, node in counted:
         view = NodeShapes(
             node,
@@ -88,8 +115,9 @@ def count_onnx(
         macs = int(OP_COUNTERS[node.op_type](view))
         node_macs[index] = macs
         per_op_type[node.op_type] = per_op_type.get(node.op_type, 0) + macs
+        precision = node_precision(node, producer_ops, elem_types)
+        by_precision[precision] = by_precision.get(precision, 0) + macs
         per_node.append((node.name or f"{node.op_type}_{index}", node.op_type, macs))
-    producer = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
     per_output = {
         output.name: sum(node_macs.get(i, 0) for i in _ancestors(graph, output.name, producer))
         for output in graph.output
@@ -101,4 +129,5 @@ def count_onnx(
         per_output_macs=per_output,
         per_node=per_node,
         used_onnxruntime_for_shapes=used_ort,
+        macs_by_precision=by_precision,
     )
