@@ -1,5 +1,8 @@
 """The ONNX Runtime backend: one InferenceSession over the bundle's ``model.onnx``.
 
+The session is built from the verified bytes of the graph (and of its external-data files,
+handed over in memory), never from a path, so what runs is exactly what was hashed.
+
 Execution providers are never swapped behind the caller's back. ONNX Runtime itself quietly
 drops a provider whose initialisation fails (e.g. CUDA without a GPU) and runs on the CPU;
 this backend checks the session's providers after creation and raises instead.
@@ -7,14 +10,14 @@ this backend checks the session's providers after creation and raises instead.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
 
+from taskfold.runtime.bundle import VerifiedBundle
 from taskfold.runtime.cuda import cuda_unavailable_reason
-from taskfold.runtime.errors import BackendUnavailable, InputError
+from taskfold.runtime.errors import BackendUnavailable, BundleError, InputError
 
 ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
 DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
@@ -37,8 +40,7 @@ class OrtBackend:
 
     def __init__(
         self,
-        bundle: Path,
-        manifest: dict[str, Any],
+        bundle: VerifiedBundle,
         *,
         providers: Sequence[ProviderSpec] | None = None,
         threads: int | None = None,
@@ -59,9 +61,17 @@ class OrtBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(bundle / "model.onnx"), sess_options=options, providers=requested
-        )
+        graph = bundle.graph("model.onnx")
+        if graph.external:
+            names = list(graph.external)
+            options.add_external_initializers_from_files_in_memory(
+                names, [graph.external[n] for n in names], [len(graph.external[n]) for n in names])
+        self._external = graph.external  # ONNX Runtime reads these buffers; keep them alive
+        try:
+            self.session = ort.InferenceSession(graph.data, sess_options=options, providers=requested)
+        except Exception as exc:  # ORT's own errors: a graph it cannot load (bad op, bad weights)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"bundle {bundle.folder}: ONNX Runtime cannot load model.onnx ({first[:300]})") from None
         used = self.session.get_providers()
         dropped = [_provider_name(s) for s in requested if _provider_name(s) not in used]
         if dropped:
@@ -71,7 +81,7 @@ class OrtBackend:
                 f"(it would have run on {', '.join(used)} instead): {reason}"
             )
         self.provider = used[0]
-        self.input_name = manifest["input"]["name"]
+        self.input_name = bundle.manifest["input"]["name"]
 
     def run(self, images: np.ndarray, output_names: list[str]) -> list[np.ndarray]:
         """Outputs in the order of ``output_names``."""

@@ -8,11 +8,11 @@ TensorRT version that built them, so a plan that fails to deserialise is a Bundl
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from taskfold.runtime.bundle import VerifiedBundle
 from taskfold.runtime.cuda import cuda_unavailable_reason
 from taskfold.runtime.errors import BackendUnavailable, BundleError
 
@@ -36,8 +36,7 @@ class TrtBackend:
 
     def __init__(
         self,
-        bundle: Path,
-        manifest: dict[str, Any],
+        bundle: VerifiedBundle,
         *,
         providers: Sequence[Any] | None = None,
         threads: int | None = None,
@@ -52,16 +51,17 @@ class TrtBackend:
         except ImportError:
             raise BackendUnavailable("backend 'tensorrt': the tensorrt package is not installed") from None
         self._cudart = _import_cudart()
+        manifest = bundle.manifest
         if PLAN not in manifest["files"]:
             raise BundleError(
-                f"bundle {bundle}: no {PLAN} (build one with `taskfold compile RUN_DIR --tensorrt`)"
+                f"bundle {bundle.folder}: no {PLAN} (build one with `taskfold compile RUN_DIR --tensorrt`)"
             )
         self._trt = trt
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = self._runtime.deserialize_cuda_engine((bundle / PLAN).read_bytes())
+        self._engine = self._runtime.deserialize_cuda_engine(bundle.read(PLAN))
         if self._engine is None:
             raise BundleError(
-                f"bundle {bundle}: {PLAN} could not be deserialised (built for another GPU or TensorRT version?)"
+                f"bundle {bundle.folder}: {PLAN} could not be deserialised (built for another GPU or TensorRT version?)"
             )
         self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]

@@ -15,8 +15,8 @@ import numpy as np
 
 from taskfold.runtime.backend_ort import OrtBackend
 from taskfold.runtime.backend_trt import TrtBackend
-from taskfold.runtime.bundle import verify_bundle
-from taskfold.runtime.errors import BackendUnavailable, BundleError
+from taskfold.runtime.bundle import open_bundle
+from taskfold.runtime.errors import BackendUnavailable
 from taskfold.runtime.inputs import check_images
 
 
@@ -67,8 +67,11 @@ class Predictor:
         """Intra-op CPU threads (None where the backend does not use CPU threads)."""
         return self._backend.threads
 
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        check_images(images, self.input_spec)
+    def __call__(self, images: np.ndarray, *, allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
+        """``{task: output}`` for a batch normalised with the manifest's mean/std (see
+        :func:`taskfold.runtime.inputs.normalize`). NaN/inf pixels are refused (InputError) unless
+        ``allow_nonfinite``: they would give NaN outputs that look like answers."""
+        check_images(images, self.input_spec, allow_nonfinite=allow_nonfinite)
         arrays = self._backend.run(images, self._outputs)
         return {task["name"]: array for task, array in zip(self.tasks, arrays)}
 
@@ -84,7 +87,8 @@ def load(
     providers: Sequence[Any] | None = None,
     threads: int | None = None,
 ) -> Predictor:
-    """Verify ``bundle`` (sha256 of every file) and open it with ``backend``.
+    """Verify ``bundle`` (its manifest's hash, the sha256 of every file, the graph against the
+    manifest) and open it with ``backend``, which runs exactly the bytes that were verified.
 
     ``providers`` (onnxruntime only) lists execution providers in priority order, default CPU;
     a requested provider that cannot start raises BackendUnavailable. ``threads`` sets the
@@ -92,12 +96,7 @@ def load(
     """
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; available: {', '.join(sorted(BACKENDS))}")
-    folder = Path(bundle)
-    manifest = verify_bundle(folder)
-    if "model.onnx" not in manifest["files"]:
-        raise BundleError(f"bundle {folder}: manifest.json does not list model.onnx")
-    outputs = [task.get("output") for task in manifest["tasks"]]
-    if not outputs or not all(isinstance(name, str) for name in outputs):
-        raise BundleError(f"bundle {folder}: every task in manifest.json needs an 'output' name")
-    runner = BACKENDS[backend](folder, manifest, providers=providers, threads=threads)
-    return Predictor(folder, manifest, runner, backend)
+    verified = open_bundle(bundle)
+    runner = BACKENDS[backend](verified, providers=providers, threads=threads)
+    verified.verify_rest()  # the files the backend did not read (a plan, other variants)
+    return Predictor(verified.folder, verified.manifest, runner, backend)
