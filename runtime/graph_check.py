@@ -39,6 +39,12 @@ def parse_graph(data: bytes, where: str) -> onnx.ModelProto:
         model.ParseFromString(data)
     except (DecodeError, ValueError, RuntimeError):
         raise BundleError(f"{where}: not a readable ONNX model (truncated or not ONNX)") from None
+    return require_model(model, where)
+
+
+def require_model(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """``model`` if it is one; empty bytes parse as a valid, empty ModelProto, so a 0-byte file
+    would otherwise count as a model with no MACs and no outputs."""
     if model.ir_version <= 0 or not model.graph.output:
         raise BundleError(f"{where}: not an ONNX model (no IR version or no graph outputs; empty or truncated?)")
     return model

@@ -43,11 +43,11 @@ def _with_task(folder: Path, **changes) -> None:
     edit_manifest(folder, tasks=tasks)
 
 
-def _run_case(change: Callable[[Path], None], *extra: str) -> Callable[..., list[str]]:
+def _run_case(change: Callable[[Path], None]) -> Callable[..., list[str]]:
     def prepare(tmp: Path, run: Path, bundle: Path) -> list[str]:
         copy = clone(run, tmp / "run")
         change(copy)
-        return ["compile", str(copy), *extra]
+        return ["compile", str(copy), "-o", str(tmp / "compiled")]
     return prepare
 
 
