@@ -94,6 +94,7 @@ def _train_with(*sets: str) -> Callable[..., list[str]]:
 
 CASES = {
     "binary config file": (_binary_config, "not a text file"),
+    "train.lr: .nan": (_train_with("train.lr=.nan"), "train.lr: must be a finite number > 0, got nan"),
     "data.size=100000": (_train_with("data.size=100000", "data.train_size=8"), "needs about"),
     "train_size=1e12": (_train_with("data.train_size=1000000000000"), "needs about"),
     "manifest tasks not a list": (_bundle_case(lambda b: edit_manifest(b, tasks={"seg": "seg"})),

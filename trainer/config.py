@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -282,8 +283,8 @@ def _check(cfg: Config, problems: list[str]) -> None:
     for path, value in positive.items():
         if isinstance(value, int) and value < 1:
             problems.append(f"{path}: must be >= 1, got {value}")
-    if cfg.train.lr <= 0:
-        problems.append(f"train.lr: must be > 0, got {cfg.train.lr}")
+    if not (cfg.train.lr > 0 and math.isfinite(cfg.train.lr)):  # NaN fails every comparison
+        problems.append(f"train.lr: must be a finite number > 0, got {cfg.train.lr}")
     if any(b < 1 for b in cfg.bench.batches):
         problems.append(f"bench.batches: every batch size must be >= 1, got {cfg.bench.batches}")
 
