@@ -3,8 +3,10 @@ an empty file, a confident "0 GMACs"). Now each exits 2 with one line naming the
 nothing that existed before the command was changed."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +17,7 @@ from bundle_edit import edit_manifest, rehash_file
 from cli_runner import assert_user_error, run_cli
 from fs_tools import clone, replace_bytes, snapshot
 from taskfold.cli.main import demo_recipe, main
+from taskfold.trainer.runlock import lock_file_for
 
 DEMO = str(demo_recipe())
 
@@ -86,6 +89,32 @@ def _compile_into_the_run(tmp: Path, run: Path, bundle: Path) -> list[str]:
     return ["compile", str(copy), "-o", str(copy)]
 
 
+def _without_test_record(run: Path) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(line for line in lines if '"type": "test"' not in line))
+
+
+def _compile_into_a_folder_of_notes(tmp: Path, run: Path, bundle: Path) -> list[str]:
+    (tmp / "notes").mkdir()
+    (tmp / "notes" / "todo.txt").write_text("mine")
+    return ["compile", str(clone(run, tmp / "run")), "-o", str(tmp / "notes")]
+
+
+def _compile_over_its_bundle(tmp: Path, run: Path, bundle: Path) -> list[str]:
+    return ["compile", str(clone(run, tmp / "run"))]  # the run already holds run/bundle
+
+
+def _predict_over_a_file(tmp: Path, run: Path, bundle: Path) -> list[str]:
+    np.save(tmp / "x.npy", np.zeros((1, 3, 64, 64), np.float32))
+    (tmp / "out.npz").write_bytes(b"earlier results")
+    return ["predict", str(bundle), str(tmp / "x.npy"), "-o", str(tmp / "out.npz")]
+
+
+def _overwrite_with_a_typo(tmp: Path, run: Path, bundle: Path) -> list[str]:
+    return ["train", DEMO, "-o", str(clone(run, tmp / "r")), "--overwrite", "--quiet",
+            "--set", "model.backbone=resnet1O"]
+
+
 def _train_with(*sets: str) -> Callable[..., list[str]]:
     def prepare(tmp: Path, run: Path, bundle: Path) -> list[str]:
         return ["train", DEMO, "-o", str(tmp / "r"), "--quiet", *[a for s in sets for a in ("--set", s)]]
@@ -115,6 +144,12 @@ CASES = {
     "arch.json that does not fit the checkpoint": (_run_case(_misfit_arch), "checkpoint does not fit arch.json"),
     "malformed metrics.jsonl": (_run_case(lambda r: (r / "metrics.jsonl").write_text('{"type": "train"}\n{oops\n')),
                                 "metrics.jsonl line 2 is not a JSON object"),
+    "a run without a test record": (_run_case(_without_test_record), "has no test record"),
+    "compile -o a folder that is not a bundle": (_compile_into_a_folder_of_notes, "is not a bundle"),
+    "compile over an existing bundle": (_compile_over_its_bundle, "a bundle exists there (pass --overwrite"),
+    "predict -o an existing file": (_predict_over_a_file, "already exists (pass --overwrite"),
+    "name: /abs/path": (_train_with("name=/tmp/elsewhere"), "must be a plain name"),
+    "run --overwrite with a typo": (_overwrite_with_a_typo, "resnet1O"),
     "compile -o .": (_compile_into_cwd, "over the current directory"),
     "compile -o RUN": (_compile_into_the_run, "that is the run directory"),
     "flops on a 0-byte .onnx": (_empty_onnx, "not an ONNX model"),
@@ -141,6 +176,33 @@ def test_through_the_real_command_line(tmp_path: Path) -> None:
     assert_user_error(run_cli("train", str(tmp_path / "recipe.yaml")), "not a text file")
     _empty_onnx(tmp_path, tmp_path, tmp_path)
     assert_user_error(run_cli("flops", str(tmp_path / "model.onnx")), "not an ONNX model")
+
+
+def test_a_locked_run_directory_names_the_holder(demo_run: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """Another process holds the run (an flock on its own open of the lock file, as a second
+    `taskfold run` would): this one is refused with that PID and changes nothing."""
+    run = clone(demo_run, tmp_path / "run")
+    fd = os.open(lock_file_for(run), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"424242")
+        before = snapshot(tmp_path)
+        capsys.readouterr()
+        assert main(["compile", str(run), "-o", str(tmp_path / "compiled")]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "is in use by process 424242" in line
+        assert snapshot(tmp_path) == before
+    finally:
+        os.close(fd)
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    from taskfold.runtime.bundle import taskfold_version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"taskfold {taskfold_version()}"
 
 
 def test_a_corrupted_cache_file_is_rendered_again_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture):
