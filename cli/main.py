@@ -1,7 +1,7 @@
 """The ``taskfold`` command: argument parsing and one small function per subcommand.
 
-User mistakes (bad config, missing file, wrong input shape, tampered bundle) print one line on
-stderr and exit with code 2; they never show a traceback.
+User mistakes (bad config, missing file, wrong input shape, tampered bundle, a run directory in
+use by another process) print one line on stderr and exit with code 2; never a traceback.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ EXIT_USER_ERROR = 2
 USER_ERRORS = {
     "taskfold.runtime.errors": ("BundleError", "InputError", "BackendUnavailable"),
     "taskfold.trainer.config": ("ConfigError",),
+    "taskfold.trainer.runlock": ("RunInUse",),
     "taskfold.models.errors": ("ModelError",),
     "taskfold.models.registry": ("UnknownNameError",),
     "taskfold.compiler.errors": ("CompileError",),
@@ -42,39 +43,28 @@ def _load_config(path: str | None, overrides: list[str]):
     return load_config(path or demo_recipe(), overrides)
 
 
-def _prepare_run_dir(cfg, out: str | None, overwrite: bool) -> Path:
-    import shutil
-
-    from taskfold.trainer.config import ConfigError
-
-    run_dir = Path(out) if out else Path("runs") / cfg.name
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} is a file")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"run directory {run_dir} already exists and is not empty "
-                              "(pass --overwrite to replace it, or -o for another)")
-        if not (run_dir / "config.yaml").is_file():  # never delete a folder that is not a run
-            raise ConfigError(f"--overwrite: {run_dir} is not a taskfold run directory (no config.yaml); "
-                              "refusing to delete it")
-        shutil.rmtree(run_dir)
-    return run_dir
+def _run_dir(cfg, out: str | None) -> Path:
+    return Path(out) if out else Path("runs") / cfg.name
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
     from taskfold.cli.pipeline import run_pipeline
+    from taskfold.trainer.run_target import new_run_dir
 
     cfg = _load_config(args.config, args.set)
     _apply_quiet(cfg, args)
-    return run_pipeline(cfg, _prepare_run_dir(cfg, args.output, args.overwrite))
+    with new_run_dir(_run_dir(cfg, args.output), overwrite=args.overwrite) as target:
+        return run_pipeline(cfg, target.path, started=target.started)
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
     from taskfold.trainer.loop import train_stages
+    from taskfold.trainer.run_target import new_run_dir
 
     cfg = _load_config(args.config, args.set)
     _apply_quiet(cfg, args)
-    summary, final_dir = train_stages(cfg, _prepare_run_dir(cfg, args.output, args.overwrite))
+    with new_run_dir(_run_dir(cfg, args.output), overwrite=args.overwrite) as target:
+        summary, final_dir = train_stages(cfg, target.path, started=target.started)
     return {"run_dir": str(final_dir), "test": summary["test"]}
 
 
@@ -87,10 +77,16 @@ def cmd_compile(args: argparse.Namespace) -> dict:
     from taskfold.compiler.compile_run import compile_run
 
     overrides = {name: getattr(args, name) for name in COMPILE_FLAGS if getattr(args, name) is not None}
-    bundle = compile_run(args.run_dir, args.output, force=args.force, **overrides)
+    bundle = compile_run(args.run_dir, args.output, force=args.force, overwrite=args.overwrite, **overrides)
     manifest = json.loads((bundle / "manifest.json").read_text())
     return {"bundle": str(bundle), "cost": manifest["cost"], "compile": manifest["compile"],
             "precisions": manifest.get("precisions", {}), "default_precision": manifest.get("default_precision", "fp32")}
+
+
+def cmd_report(args: argparse.Namespace) -> dict:
+    from taskfold.cli.pipeline import write_run_reports
+
+    return {"report": str(write_run_reports(args.run_dir))}
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
@@ -112,37 +108,54 @@ def cmd_predict(args: argparse.Namespace) -> dict:
 
     from taskfold.runtime import load
     from taskfold.runtime.errors import InputError
+    from taskfold.runtime.inputs import normalize
 
     source = Path(args.input)
     if not source.is_file():
         raise InputError(f"input file not found: {source}")
-    try:
-        images = np.load(source, allow_pickle=False)
-    except (ValueError, EOFError, OSError) as exc:
-        raise InputError(f"{source}: not a .npy array ({exc})") from None
-    outputs = load(args.bundle, precision=args.precision, provider=args.provider)(images)
     out = Path(args.output) if args.output else source.with_suffix(".out.npz")
     if out.suffix != ".npz":  # np.savez would append it; say where the file really is
         out = out.with_name(out.name + ".npz")
-    np.savez(out, **outputs)
+    if out.is_dir() or (out.exists() and not args.overwrite):
+        raise InputError(f"{out} already exists (pass --overwrite to replace it, or -o for another file)")
+    try:
+        images = np.load(source, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise InputError(f"{source}: not a .npy array ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    if not isinstance(images, np.ndarray):  # an .npz archive
+        raise InputError(f"{source}: expected one .npy array, got an .npz archive")
+    predictor = load(args.bundle, precision=args.precision, provider=args.provider)
+    if args.normalize:
+        images = normalize(images, predictor.input_spec)
+    outputs = predictor(images, allow_nonfinite=args.allow_nonfinite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "wb") as handle:  # a whole file or none: written aside, then renamed
+        np.savez(handle, **outputs)
+    tmp.replace(out)
     return {"output": str(out), "shapes": {task: list(value.shape) for task, value in outputs.items()}}
 
 
 def cmd_flops(args: argparse.Namespace) -> dict:
-    from taskfold.runtime import count_onnx, verify_bundle
+    from taskfold.runtime import count_onnx
+    from taskfold.runtime.bundle import open_bundle
     from taskfold.runtime.errors import BundleError
-
     from taskfold.runtime.precision import graph_file, resolve_precision
 
     path = Path(args.path)
     if path.is_dir():
-        manifest = verify_bundle(path)
-        path = path / graph_file(manifest, resolve_precision(manifest, args.precision or "fp32"))
+        bundle = open_bundle(path)
+        name = graph_file(bundle.manifest, resolve_precision(bundle.manifest, args.precision or "fp32"))
+        model = bundle.graph(name).proto  # the verified bytes, not the file again
+        bundle.verify_rest()
+        path = path / name
     elif not path.is_file():
         raise BundleError(f"no such file or bundle: {path}")
     elif args.precision is not None:
         raise BundleError(f"--precision picks a graph of a bundle folder; {path} is one graph file")
-    cost = count_onnx(path)
+    else:
+        model = path
+    cost = count_onnx(model)
     return {"path": str(path), "macs": cost.macs, "params": cost.params, "gmacs": cost.macs / 1e9,
             "macs_by_precision": cost.macs_by_precision,
             "per_output_macs": cost.per_output_macs, "per_op_type": cost.per_op_type}
@@ -210,57 +223,118 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime execution provider (default auto: CUDA when usable, else CPU)")
 
 
+DESCRIPTION = """\
+Train multi-task vision models (with architecture search), compile what was found into the
+leanest ONNX graph, and run it without PyTorch.
+
+Start with `taskfold run` (trains the embedded demo recipe into runs/demo, compiles it,
+benchmarks it and writes runs/demo/report.md), then `taskfold predict runs/demo/bundle x.npy`."""
+
+EPILOG = """\
+Mistakes (a bad config field, a missing file, a tampered bundle, an input of the wrong shape)
+print one line on stderr and exit with code 2. `--json` prints one JSON object on stdout."""
+
+
+def _predict_epilog() -> str:
+    from taskfold.runtime.outputs import OUTPUT_VALUES
+
+    kinds = "\n".join(f"  {kind:<15} {text}" for kind, text in OUTPUT_VALUES.items())
+    return ("Input: a float32 (N, 3, H, W) array of images normalised like the training data, i.e.\n"
+            "(pixel/255 - mean) / std per channel with the manifest's input.mean and input.std; pass\n"
+            "--normalize to give 0-1 images instead. NaN/inf pixels are refused unless --allow-nonfinite.\n\n"
+            "Output: one array per task in an .npz file; what each holds, by task kind\n"
+            "(the manifest's tasks[].values says it too):\n" + kinds)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taskfold", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="taskfold", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=formatter)
+    from taskfold.runtime.bundle import taskfold_version
 
-    def add_common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--version", action="version", version=f"taskfold {taskfold_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, help_text in (("run", "train → compile → bench → report in one command"),
-                            ("train", "train or search one run")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("config", nargs="?" if name == "run" else None, help="YAML recipe (run: default demo)")
-        p.add_argument("-o", "--output", help="run directory (default runs/<name>)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    def command(name: str, summary: str, description: str = "", epilog: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description or summary, epilog=epilog or None,
+                              formatter_class=formatter)
+
+    def add_json(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+    for name, summary, description in (
+            ("run", "train, compile, benchmark and report in one command",
+             "Train (or search) a recipe into a run directory, retrain where the method asks for it, compile\n"
+             "the result into RUN/bundle, benchmark it and write RUN/report.md. Without CONFIG: the demo recipe."),
+            ("train", "train or search one recipe (no compile)",
+             "Train (or search) a recipe into a run directory, with any follow-up stage (BMTAS retrain,\n"
+             "DMTG fine-tune) in RUN/retrain; compile it later with `taskfold compile`.")):
+        p = command(name, summary, description)
+        p.add_argument("config", nargs="?" if name == "run" else None, metavar="CONFIG",
+                       help="YAML recipe, e.g. configs/demo.yaml" + (" (default: the demo recipe)" if name == "run" else ""))
+        p.add_argument("-o", "--output", metavar="DIR", help="run directory (default: runs/<name from the recipe>)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field, e.g. --set train.epochs=3 or --set tasks.0.weight=2 (repeatable)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing run directory; the old run is deleted only once the new one has "
+                            "started cleanly")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
-        add_common(p)
+        add_json(p)
 
-    p = sub.add_parser("compile", help="compile a run directory into a bundle")
-    p.add_argument("run_dir")
-    p.add_argument("-o", "--output", help="bundle folder (default RUN_DIR/bundle)")
+    p = command("compile", "compile a run directory into a bundle (ONNX + manifest)",
+                "Strip what inference does not need, fold BatchNorm, export ONNX, check it against PyTorch on\n"
+                "held-out images and write a bundle folder (model.onnx, manifest.json, manifest.json.sha256).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `taskfold run` or `train`")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="bundle folder (default: RUN_DIR/bundle); must be new, empty, or a bundle with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing bundle there, once the new one has been verified")
     p.add_argument("--force", action="store_true",
-                   help="strip even when checks advise against it; keep an INT8/FP16 graph the accuracy guard refuses")
+                   help="compile a run that has no test record (unfinished; the manifest says so), strip even "
+                        "where the method's checks advise against it, and keep an INT8/FP16 graph the accuracy "
+                        "guard refuses")
     add_compile_flags(p)
-    add_common(p)
+    add_json(p)
 
-    p = sub.add_parser("bench", help="latency of a bundle")
-    p.add_argument("bundle")
-    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | torch")
+    p = command("bench", "measure the latency and throughput of a bundle")
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder")
+    p.add_argument("--batch", default="1,8", metavar="SIZES", help="comma-separated batch sizes (default: 1,8)")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), tensorrt or torch")
     add_runtime_flags(p)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: runtime's)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=30)
-    add_common(p)
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: every CPU available)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls before measuring (default: 5)")
+    p.add_argument("--iters", type=int, default=30, help="timed calls per batch size (default: 30)")
+    add_json(p)
 
-    p = sub.add_parser("predict", help="run a bundle on images stored as a .npy (N,3,H,W) float32 array")
-    p.add_argument("bundle")
-    p.add_argument("input", help=".npy file")
-    p.add_argument("-o", "--output", help=".npz file for the outputs (default INPUT.out.npz)")
+    p = command("predict", "run a bundle on images stored as a .npy array",
+                "Run a bundle on a .npy array of images and write every task's output to an .npz file.",
+                _predict_epilog())
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder")
+    p.add_argument("input", metavar="IMAGES", help=".npy file holding an (N, 3, H, W) array")
+    p.add_argument("-o", "--output", metavar="FILE", help=".npz file for the outputs (default: IMAGES.out.npz); "
+                                                          "missing folders are created")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    p.add_argument("--normalize", action="store_true",
+                   help="IMAGES are 0-1 images: normalise them with the manifest's mean/std first")
+    p.add_argument("--allow-nonfinite", action="store_true", help="run even if IMAGES hold NaN or inf")
     add_runtime_flags(p)
-    add_common(p)
+    add_json(p)
 
-    p = sub.add_parser("flops", help="MACs and params of a bundle or any .onnx file")
-    p.add_argument("path")
+    p = command("flops", "count the MACs and parameters of a bundle or any .onnx file")
+    p.add_argument("path", metavar="PATH", help="a bundle folder or an .onnx file")
     p.add_argument("--precision", choices=("fp32", "int8", "fp16"), help="which graph of a bundle (default fp32)")
-    add_common(p)
+    add_json(p)
+
+    p = command("report", "rebuild report.md and its plots from a run directory",
+                "Rewrite RUN_DIR/report.md (and the report of every stage, linked from it) with its plots,\n"
+                "from the run's metrics, arch.json and bundle; the latency table needs a `taskfold run`.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    add_json(p)
     return parser
 
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "compile": cmd_compile, "bench": cmd_bench,
-            "predict": cmd_predict, "flops": cmd_flops}
+            "predict": cmd_predict, "flops": cmd_flops, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

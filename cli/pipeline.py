@@ -1,7 +1,9 @@
-"""``taskfold run``: train/search → compile → benchmark → report, in one call."""
+"""``taskfold run``: train/search → compile → benchmark → report, in one call; ``taskfold report``."""
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from taskfold.trainer.config import Config
@@ -17,21 +19,59 @@ def bench_precisions(manifest: dict) -> list[str]:
     return [p for p in held_precisions(manifest) if not (p == "fp16" and on_cpu)]
 
 
-def run_pipeline(cfg: Config, run_dir: Path) -> dict:
-    """Run every stage into ``run_dir``; returns a summary (paths, test metrics, cost, latency)."""
+def run_pipeline(cfg: Config, run_dir: Path, *, started: Callable[[], None] | None = None) -> dict:
+    """Run every stage into ``run_dir``; returns a summary (paths, test metrics, cost, latency).
+
+    ``started``: called once training has started cleanly (see ``train_stages``)."""
     from taskfold.compiler.compile_run import compile_run
     from taskfold.runtime import benchmark, load
     from taskfold.trainer.loop import train_stages
-    from taskfold.trainer.report import write_report
     from taskfold.trainer.rundir import RunDir
 
-    summary, run_dir = train_stages(cfg, run_dir)
+    top = run_dir
+    summary, run_dir = train_stages(cfg, run_dir, started=started)
     bundle = compile_run(run_dir)  # the recipe's compile.* (TensorRT, INT8, FP16, ...) in the run's config.yaml
     manifest = json.loads((bundle / "manifest.json").read_text())
     rows = []
     for precision in bench_precisions(manifest):
         predictor = load(bundle, precision=precision, threads=cfg.bench.threads)
         rows += benchmark(predictor, cfg.bench.batches, warmup=cfg.bench.warmup, iters=cfg.bench.iters)
-    report = write_report(RunDir(run_dir), summary=summary, manifest=manifest, bench_rows=rows)
+    RunDir(run_dir).save_bench(rows)
+    report = write_run_reports(top)
     return {"run_dir": str(run_dir), "bundle": str(bundle), "report": str(report),
             "test": summary["test"], "cost": manifest["cost"], "latency": rows}
+
+
+def _bundle_manifest(run) -> dict | None:
+    """The manifest of a run's bundle (checked against its hash), None when there is none."""
+    from taskfold.runtime.bundle import read_manifest
+    from taskfold.runtime.errors import BundleError
+
+    if not run.bundle_path.is_dir():
+        return None
+    try:
+        return read_manifest(run.bundle_path)
+    except BundleError:
+        return None
+
+
+def write_run_reports(run_dir: str | os.PathLike) -> Path:
+    """(Re)write report.md and the plots of a run and of each of its stages from the files in the
+    run directory (metrics.jsonl, arch.json, the bundle's manifest, bench.json); returns the top
+    report, which links the stage reports when there are several."""
+    from taskfold.trainer.config import ConfigError
+    from taskfold.trainer.report import run_summary, stage_lines, write_report
+    from taskfold.trainer.rundir import RunDir
+    from taskfold.trainer.runlock import folder_lock
+
+    top = RunDir(run_dir)
+    if not top.config_path.is_file():
+        raise ConfigError(f"{top.path} is not a taskfold run directory (no config.yaml)")
+    with folder_lock(top.path):
+        stages = top.stages()
+        summaries = [run_summary(stage) for stage in stages]
+        for index, (stage, summary) in enumerate(zip(stages, summaries)):
+            preamble = stage_lines(stages, index, summaries) if len(stages) > 1 else []
+            write_report(stage, summary=summary, manifest=_bundle_manifest(stage), bench_rows=stage.read_bench(),
+                         preamble=preamble)
+    return top.report_path

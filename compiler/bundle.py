@@ -2,17 +2,15 @@
 
 This is the generic tail of every compile: the method-specific strip/prune hands over an
 inference-ready ``nn.Module`` and everything from here on is the same for every method.
-The bundle is built in a hidden sibling folder and renamed into place at the end, so a
-failed compile never leaves a half-written bundle where the runtime would look for one.
+:func:`fill_bundle` writes into an empty folder; :func:`write_bundle` does so inside
+:func:`~taskfold.compiler.staging.staged_bundle` (a hidden sibling, verified, then swapped in),
+so a failed compile never leaves a half-written bundle where the runtime would look for one.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,9 @@ from taskfold.compiler.errors import CompileError
 from taskfold.compiler.export import INPUT_NAME, export_onnx
 from taskfold.compiler.fold import fold_batchnorm, remaining_batchnorms
 from taskfold.compiler.parity import as_image_batch, check_parity
-from taskfold.runtime.bundle import write_manifest
+from taskfold.compiler.staging import staged_bundle
+from taskfold.runtime.bundle import taskfold_version, write_manifest
+from taskfold.runtime.outputs import output_values
 from taskfold.runtime.flops import count_onnx
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,17 @@ MODEL_FILE = "model.onnx"
 OPSET = 18
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("taskfold")
-    except importlib.metadata.PackageNotFoundError:  # running from a checkout that is not installed
-        return "unknown"
+def write_bundle(out_dir: str | os.PathLike, *, overwrite: bool = False, **bundle: Any) -> Path:
+    """Compile a model into the bundle folder ``out_dir`` (see :func:`fill_bundle` for the
+    arguments); an existing bundle there is replaced only with ``overwrite``, and only once the
+    new one has verified (:func:`~taskfold.compiler.staging.staged_bundle`). Returns ``out_dir``."""
+    with staged_bundle(out_dir, overwrite=overwrite) as folder:
+        fill_bundle(folder, **bundle)
+    return Path(out_dir)
 
 
-def write_bundle(
-    out_dir: str | os.PathLike,
+def fill_bundle(
+    folder: Path,
     *,
     model: nn.Module,
     name: str,
@@ -58,43 +60,33 @@ def write_bundle(
     compile_info: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
     variants: Callable[[Path], dict[str, Any]] | None = None,
-) -> Path:
-    """Compile ``model`` into the bundle folder ``out_dir`` (replaced if it exists); returns it.
+) -> None:
+    """Fold, export, parity-check and count ``model`` into the empty ``folder``, with its manifest.
 
     ``model.forward(image)`` returns a dict keyed by task name (or one Tensor for one task);
     each task becomes the ONNX output of the same name. ``input_shape`` is ``(N, C, H, W)``
     (N only sizes the trace: the batch axis is dynamic). ``tasks`` entries need ``name`` and
-    ``kind``; other keys (``classes``, ...) are copied into the manifest, except ``output`` and
-    ``shape``, which the compiler fills in. Parity is checked against the BN-folded model and
-    against ``model`` itself (the reference a user cares about), at the batch size of
-    ``parity_inputs`` and at a second one, which proves the batch axis really is dynamic.
+    ``kind``; other keys (``classes``, ...) are copied into the manifest, except ``output``,
+    ``shape`` and ``values`` (what the output holds), which the compiler fills in. Parity is
+    checked against the BN-folded model and against ``model`` itself (the reference a user
+    cares about), at the batch size of ``parity_inputs`` and at a second one, which proves the
+    batch axis really is dynamic.
     """
     _check_tasks(tasks)
     images = as_image_batch(parity_inputs)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
-        measured = _compile_into(tmp, model, tuple(input_shape), tasks, images, parity_tol)
-        manifest = {
-            "name": name,
-            "taskfold_version": _version(),
-            "method": method,
-            "input": {"name": INPUT_NAME, "shape": [-1, *input_shape[1:]], "dtype": "float32",
-                      "layout": "NCHW", "mean": [float(m) for m in mean], "std": [float(s) for s in std]},
-            "tasks": measured["tasks"],
-            "cost": measured["cost"],
-            "compile": {**(compile_info or {}), **measured["compile"]},  # measured values win
-            "provenance": provenance or {},
-            **(variants(tmp) if variants is not None else {}),
-        }
-        write_manifest(tmp, manifest)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    measured = _compile_into(folder, model, tuple(input_shape), tasks, images, parity_tol)
+    write_manifest(folder, {
+        "name": name,
+        "taskfold_version": taskfold_version(),
+        "method": method,
+        "input": {"name": INPUT_NAME, "shape": [-1, *input_shape[1:]], "dtype": "float32",
+                  "layout": "NCHW", "mean": [float(m) for m in mean], "std": [float(s) for s in std]},
+        "tasks": measured["tasks"],
+        "cost": measured["cost"],
+        "compile": {**(compile_info or {}), **measured["compile"]},  # measured values win
+        "provenance": provenance or {},
+        **(variants(folder) if variants is not None else {}),  # written before the manifest signs them
+    })
 
 
 def _compile_into(
@@ -125,7 +117,8 @@ def _compile_into(
     cost = count_onnx(path)
     shapes = _output_shapes(path, images[:1])
     return {
-        "tasks": [{**t, "output": t["name"], "shape": [-1, *shapes[t["name"]][1:]]} for t in tasks],
+        "tasks": [{**t, "output": t["name"], "shape": [-1, *shapes[t["name"]][1:]],
+                   "values": output_values(t["kind"])} for t in tasks],
         "cost": {"macs": int(cost.macs), "params": int(cost.params),
                  "per_task_macs": {n: int(cost.per_output_macs[n]) for n in names}},
         "compile": {
@@ -163,16 +156,3 @@ def _check_tasks(tasks: list[dict[str, Any]]) -> None:
     names = [t["name"] for t in tasks]
     if len(set(names)) != len(names):
         raise CompileError(f"task names must be unique, got {names}")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished bundle to ``out``, replacing an existing bundle folder there."""
-    if out.exists() and not out.is_dir():
-        raise CompileError(f"cannot write bundle: {out} exists and is not a folder")
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,5 +1,9 @@
 """Compile a run directory into a bundle: rebuild from arch.json, load weights, strip what the
-method does not need at inference, then fold/export/validate/write via :func:`write_bundle`."""
+method does not need at inference, then fold/export/validate/write via :func:`fill_bundle`
+into a staged folder (:func:`~taskfold.compiler.staging.staged_bundle`).
+
+Refused before any work: a run that never finished (no test record; ``force`` compiles its last
+checkpoint anyway and the manifest says so), and — always — weights that hold NaN or inf."""
 from __future__ import annotations
 
 import hashlib
@@ -11,11 +15,12 @@ from typing import Any
 
 import torch
 
-from taskfold.compiler.bundle import write_bundle
+from taskfold.compiler.bundle import fill_bundle
 from taskfold.compiler.errors import CompileError
 from taskfold.compiler.int8 import quantize_int8, scheme_for
 from taskfold.compiler.precision import FP16_FILE, PARITY_IMAGES, EvalData, PrecisionPlan, build_variants
 from taskfold.compiler.accuracy import resolve_limits
+from taskfold.compiler.staging import check_bundle_target, staged_bundle
 from taskfold.compiler.tensorrt import build_engine_into, tensorrt_unavailable_reason
 from taskfold.compiler.torch_trt import compile_torch_tensorrt, torch_tensorrt_unavailable_reason
 from taskfold.compiler.strip import STRIPPERS
@@ -26,6 +31,7 @@ from taskfold.trainer.data import create_dataset
 from taskfold.trainer.data.loader import load_batch
 from taskfold.trainer.report import PRECISION_HEADING, precision_section, replace_section
 from taskfold.trainer.rundir import RunDir
+from taskfold.trainer.runlock import folder_lock
 
 
 CLASS_KINDS = ("segmentation", "classification")  # tasks whose channels are class scores
@@ -55,7 +61,13 @@ def load_trained(run: RunDir):
     """(config, spec, model in eval mode with the last checkpoint's weights)."""
     cfg = run.load_config()
     spec = run.load_arch()
-    model = build_network(spec)
+    try:
+        model = build_network(spec)
+    except (KeyError, TypeError, IndexError, AttributeError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, ValueError) and type(exc) is not ValueError:
+            raise  # taskfold's own user errors (UnknownNameError, ModelError, ...) already say it well
+        raise CompileError(f"run {run.path}: arch.json describes a network that cannot be built "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     run.load_weights(model)
     return cfg, spec, model.eval()
 
@@ -83,17 +95,44 @@ def precision_data(cfg: Config, calib_images: int) -> EvalData:
                     parity_images=load_batch(test, range(min(PARITY_IMAGES, len(test))))[0])
 
 
+def nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN/inf, or None."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
 def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force: bool = False,
-                **settings: Any) -> Path:
+                overwrite: bool = False, **settings: Any) -> Path:
     """Compile ``run_dir`` into ``out_dir`` (default ``run_dir/bundle``); returns the bundle path.
 
     ``settings`` override the run's ``compile.*`` recipe fields for this compile, by their
     CompileConfig names (``tensorrt=True``, ``int8=True``, ``calib_images=64``,
-    ``int8_max_drop=["seg.miou=0.01"]``, ``fp16=True``, ...). ``force`` also keeps a lower-precision
-    graph that breaks the accuracy guard (the manifest then says so).
+    ``int8_max_drop=["seg.miou=0.01"]``, ``fp16=True``, ...). ``overwrite`` replaces an existing
+    bundle there (once the new one verified); ``force`` strips even where the method's checks advise
+    against it, compiles an unfinished run, and keeps a lower-precision graph that breaks the
+    accuracy guard (the manifest then says so).
     """
     run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise CompileError(f"run directory not found: {run.path}")
+    with folder_lock(run.path):
+        return _compile_locked(run, Path(out_dir) if out_dir else run.bundle_path, force=force,
+                               overwrite=overwrite, settings=settings)
+
+
+def _compile_locked(run: RunDir, out: Path, *, force: bool, overwrite: bool, settings: dict[str, Any]) -> Path:
+    check_bundle_target(out, overwrite=overwrite, run_dir=run.path)  # before the slow part
+    test_metrics = run.test_metrics()
+    if test_metrics is None and not force:
+        raise CompileError(f"run {run.path} has no test record: training was killed or stopped before the end "
+                           "(pass --force to compile its last checkpoint anyway)")
     cfg, spec, model = load_trained(run)
+    bad = nonfinite_parameter(model)
+    if bad is not None:
+        raise CompileError(f"run {run.path}: the checkpoint holds NaN/inf (in {bad}); a non-finite model is "
+                           "never compiled")
     options = compile_settings(cfg, settings)
     for wanted, why_not in ((options.tensorrt, tensorrt_unavailable_reason),
                             (options.torch_tensorrt, torch_tensorrt_unavailable_reason)):
@@ -116,7 +155,6 @@ def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force
     dataset_info = create_dataset(info.dataset, "val", size=info.size, num_samples=1, seed=info.seed,
                                   cache_dir=info.cache_dir, root=info.root, **info.options).info
     config_sha = hashlib.sha256(run.config_path.read_bytes()).hexdigest()
-    test_metrics = run.test_metrics()
     image_shape = (3, spec.image_size, spec.image_size)
 
     def extras(folder: Path) -> dict[str, Any]:
@@ -129,25 +167,29 @@ def compile_run(run_dir: str | Path, out_dir: str | Path | None = None, *, force
                                                 output_names=result.outputs, fp16=options.fp16))
         return added
 
-    bundle = write_bundle(
-        Path(out_dir) if out_dir else run.bundle_path,
-        model=result.model,
-        name=cfg.name,
-        method=spec.method,
-        input_shape=(1, 3, spec.image_size, spec.image_size),
-        mean=list(dataset_info.mean),
-        std=list(dataset_info.std),
-        tasks=tasks,
-        parity_inputs=parity_inputs,
-        parity_tol=cfg.compile.parity_tol,
-        compile_info=result.info,
-        provenance={"config_sha256": config_sha, "git_commit": _git_commit(), "metrics": test_metrics},
-        variants=extras,
-    )
+    provenance = {"config_sha256": config_sha, "git_commit": _git_commit(), "metrics": test_metrics}
+    if test_metrics is None:
+        provenance["unfinished"] = True  # --force on a run without a test record
+    with staged_bundle(out, overwrite=overwrite, run_dir=run.path) as folder:
+        fill_bundle(
+            folder,
+            model=result.model,
+            name=cfg.name,
+            method=spec.method,
+            input_shape=(1, 3, spec.image_size, spec.image_size),
+            mean=list(dataset_info.mean),
+            std=list(dataset_info.std),
+            tasks=tasks,
+            parity_inputs=parity_inputs,
+            parity_tol=cfg.compile.parity_tol,
+            compile_info=result.info,
+            provenance=provenance,
+            variants=extras,
+        )
     if plan.wanted and run.report_path.is_file():
-        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest = json.loads((out / "manifest.json").read_text())
         replace_section(run.report_path, PRECISION_HEADING, precision_section(manifest))
-    return bundle
+    return out
 
 
 def _engine(folder: Path, options: CompileConfig, data: EvalData | None, image_shape: tuple[int, int, int]

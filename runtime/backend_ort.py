@@ -1,5 +1,8 @@
 """The ONNX Runtime backend: one InferenceSession over one of the bundle's graphs (by precision).
 
+The session is built from the verified bytes of the graph (and of its external-data files,
+handed over in memory), never from a path, so what runs is exactly what was hashed.
+
 Execution providers are never swapped behind the caller's back. ONNX Runtime itself quietly
 drops a provider whose initialisation fails (e.g. CUDA without a GPU) and runs on the CPU;
 this backend checks the session's providers after creation and raises instead.
@@ -7,15 +10,15 @@ this backend checks the session's providers after creation and raises instead.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
 
+from taskfold.runtime.bundle import VerifiedBundle
 from taskfold.runtime.cuda import cuda_unavailable_reason
-from taskfold.runtime.errors import BackendUnavailable, InputError
-from taskfold.runtime.precision import check_int8_cpu, graph_file
+from taskfold.runtime.errors import BackendUnavailable, BundleError, InputError
+from taskfold.runtime.precision import check_int8_cpu, graph_file, input_spec
 from taskfold.runtime.providers import wheel_advice
 
 ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
@@ -39,15 +42,14 @@ class OrtBackend:
 
     def __init__(
         self,
-        bundle: Path,
-        manifest: dict[str, Any],
+        bundle: VerifiedBundle,
         *,
         precision: str = "fp32",
         providers: Sequence[ProviderSpec] | None = None,
         threads: int | None = None,
     ) -> None:
         requested = list(providers) if providers else list(DEFAULT_PROVIDERS)
-        check_int8_cpu(manifest, precision, [_provider_name(s) for s in requested])
+        check_int8_cpu(bundle.manifest, precision, [_provider_name(s) for s in requested])
         available = ort.get_available_providers()
         for spec in requested:
             name = _provider_name(spec)
@@ -63,9 +65,18 @@ class OrtBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(bundle / graph_file(manifest, precision)), sess_options=options, providers=requested
-        )
+        name = graph_file(bundle.manifest, precision)
+        graph = bundle.graph(name, input_spec=input_spec(bundle.manifest, precision))
+        if graph.external:
+            names = list(graph.external)
+            options.add_external_initializers_from_files_in_memory(
+                names, [graph.external[n] for n in names], [len(graph.external[n]) for n in names])
+        self._external = graph.external  # ONNX Runtime reads these buffers; keep them alive
+        try:
+            self.session = ort.InferenceSession(graph.data, sess_options=options, providers=requested)
+        except Exception as exc:  # ORT's own errors: a graph it cannot load (bad op, bad weights)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"bundle {bundle.folder}: ONNX Runtime cannot load {name} ({first[:300]})") from None
         used = self.session.get_providers()
         dropped = [_provider_name(s) for s in requested if _provider_name(s) not in used]
         if dropped:
@@ -75,7 +86,7 @@ class OrtBackend:
                 f"(it would have run on {', '.join(used)} instead): {reason}"
             )
         self.provider = used[0]
-        self.input_name = manifest["input"]["name"]
+        self.input_name = bundle.manifest["input"]["name"]
 
     def run(self, images: np.ndarray, output_names: list[str]) -> list[np.ndarray]:
         """Outputs in the order of ``output_names``."""

@@ -10,11 +10,12 @@ when this backend is chosen, after checking that the CUDA driver sees a device: 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
+import io
 from typing import Any, Sequence
 
 import numpy as np
 
+from taskfold.runtime.bundle import VerifiedBundle
 from taskfold.runtime.cuda import cuda_unavailable_reason
 from taskfold.runtime.errors import BackendUnavailable, BundleError
 
@@ -26,8 +27,7 @@ class TorchBackend:
 
     def __init__(
         self,
-        bundle: Path,
-        manifest: dict[str, Any],
+        bundle: VerifiedBundle,
         *,
         precision: str = "fp32",
         providers: Sequence[Any] | None = None,
@@ -35,9 +35,10 @@ class TorchBackend:
     ) -> None:
         if providers or threads is not None:
             raise BackendUnavailable("providers and threads apply to the onnxruntime backend only")
+        manifest = bundle.manifest
         entry = manifest.get(TORCH_TRT_KEY)
         if not entry or entry.get("file") not in manifest["files"]:
-            raise BundleError(f"bundle {bundle}: no torch-tensorrt program (build one with "
+            raise BundleError(f"bundle {bundle.folder}: no torch-tensorrt program (build one with "
                               "`taskfold compile RUN_DIR --torch-tensorrt`)")
         if precision != entry.get("precision", "fp32"):
             raise BackendUnavailable(f"backend 'torch': the program was compiled for {entry.get('precision')}, "
@@ -51,7 +52,8 @@ class TorchBackend:
         except ImportError as exc:
             raise BackendUnavailable(f"backend 'torch' needs torch and torch-tensorrt ({exc.name} is not "
                                      "installed; pip install 'taskfold[gpu]')") from None
-        self._module = self._torch.export.load(str(bundle / entry["file"])).module()
+        # The verified bytes, not the file again (see VerifiedBundle).
+        self._module = self._torch.export.load(io.BytesIO(bundle.read(entry["file"]))).module()
         self._order = [task["output"] for task in manifest["tasks"]]
         self.provider = f"torch-tensorrt {trt.__version__}"
         self.threads: int | None = None

@@ -8,11 +8,11 @@ TensorRT version that built them, so a plan that fails to deserialise is a Bundl
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from taskfold.runtime.bundle import VerifiedBundle
 from taskfold.runtime.cuda import cuda_unavailable_reason
 from taskfold.runtime.errors import BackendUnavailable, BundleError
 
@@ -36,8 +36,7 @@ class TrtBackend:
 
     def __init__(
         self,
-        bundle: Path,
-        manifest: dict[str, Any],
+        bundle: VerifiedBundle,
         *,
         precision: str = "fp32",
         providers: Sequence[Any] | None = None,
@@ -45,6 +44,7 @@ class TrtBackend:
     ) -> None:
         if providers or threads is not None:
             raise BackendUnavailable("providers and threads apply to the onnxruntime backend only")
+        manifest = bundle.manifest
         built = manifest.get("tensorrt", {}).get("precision", "fp32")
         if PLAN in manifest["files"] and precision != built:
             raise BackendUnavailable(f"backend 'tensorrt': {PLAN} was built for {built}, not {precision} "
@@ -59,14 +59,14 @@ class TrtBackend:
         self._cudart = _import_cudart()
         if PLAN not in manifest["files"]:
             raise BundleError(
-                f"bundle {bundle}: no {PLAN} (build one with `taskfold compile RUN_DIR --tensorrt`)"
+                f"bundle {bundle.folder}: no {PLAN} (build one with `taskfold compile RUN_DIR --tensorrt`)"
             )
         self._trt = trt
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = self._runtime.deserialize_cuda_engine((bundle / PLAN).read_bytes())
+        self._engine = self._runtime.deserialize_cuda_engine(bundle.read(PLAN))
         if self._engine is None:
             raise BundleError(
-                f"bundle {bundle}: {PLAN} could not be deserialised (built for another GPU or TensorRT version?)"
+                f"bundle {bundle.folder}: {PLAN} could not be deserialised (built for another GPU or TensorRT version?)"
             )
         self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]

@@ -18,8 +18,8 @@ import numpy as np
 from taskfold.runtime.backend_ort import OrtBackend
 from taskfold.runtime.backend_torch import TorchBackend
 from taskfold.runtime.backend_trt import TrtBackend
-from taskfold.runtime.bundle import verify_bundle
-from taskfold.runtime.errors import BackendUnavailable, BundleError
+from taskfold.runtime.bundle import open_bundle
+from taskfold.runtime.errors import BackendUnavailable
 from taskfold.runtime.inputs import check_images
 from taskfold.runtime.precision import input_spec, resolve_precision
 from taskfold.runtime.providers import execution_providers
@@ -77,8 +77,11 @@ class Predictor:
         """Intra-op CPU threads (None where the backend does not use CPU threads)."""
         return self._backend.threads
 
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        check_images(images, self.input_spec)
+    def __call__(self, images: np.ndarray, *, allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
+        """``{task: output}`` for a batch normalised with the manifest's mean/std (see
+        :func:`taskfold.runtime.inputs.normalize`). NaN/inf pixels are refused (InputError) unless
+        ``allow_nonfinite``: they would give NaN outputs that look like answers."""
+        check_images(images, self.input_spec, allow_nonfinite=allow_nonfinite)
         arrays = self._backend.run(images, self._outputs)
         return {task["name"]: array for task, array in zip(self.tasks, arrays)}
 
@@ -97,7 +100,8 @@ def load(
     providers: Sequence[Any] | None = None,
     threads: int | None = None,
 ) -> Predictor:
-    """Verify ``bundle`` (sha256 of every file) and open it with ``backend``.
+    """Verify ``bundle`` (its manifest's hash, the sha256 of every file, the graph against the
+    manifest) and open it with ``backend``, which runs exactly the bytes that were verified.
 
     ``precision`` ("fp32", "int8", "fp16"; default: the manifest's ``default_precision``, else
     fp32) picks the graph. ``provider`` (onnxruntime only: "auto" (default), "cpu", "cuda",
@@ -107,13 +111,8 @@ def load(
     """
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; available: {', '.join(sorted(BACKENDS))}")
-    folder = Path(bundle)
-    manifest = verify_bundle(folder)
-    if "model.onnx" not in manifest["files"]:
-        raise BundleError(f"bundle {folder}: manifest.json does not list model.onnx")
-    outputs = [task.get("output") for task in manifest["tasks"]]
-    if not outputs or not all(isinstance(name, str) for name in outputs):
-        raise BundleError(f"bundle {folder}: every task in manifest.json needs an 'output' name")
+    verified = open_bundle(bundle)
+    manifest = verified.manifest
     chosen = resolve_precision(manifest, precision)
     if backend == "onnxruntime":
         if provider is not None and providers is not None:
@@ -121,5 +120,6 @@ def load(
         providers = providers if providers is not None else execution_providers(provider or "auto")
     elif provider is not None:
         raise BackendUnavailable(f"provider= applies to the onnxruntime backend, not {backend!r}")
-    runner = BACKENDS[backend](folder, manifest, precision=chosen, providers=providers, threads=threads)
-    return Predictor(folder, manifest, runner, backend, chosen)
+    runner = BACKENDS[backend](verified, precision=chosen, providers=providers, threads=threads)
+    verified.verify_rest()  # the files the backend did not read (other variants, an engine)
+    return Predictor(verified.folder, manifest, runner, backend, chosen)

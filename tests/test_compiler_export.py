@@ -20,6 +20,7 @@ from taskfold.compiler.errors import CompileError
 from taskfold.compiler.export import export_onnx
 from taskfold.compiler.parity import check_parity
 from taskfold.runtime.bundle import verify_bundle
+from taskfold.runtime.outputs import OUTPUT_VALUES
 
 torch.set_num_threads(1)
 SIZE = 64
@@ -78,7 +79,7 @@ def test_graph_has_named_io_dynamic_batch_and_no_batchnorm(bundle: Path) -> None
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
     assert [o.name for o in graph.output] == ["seg", "cls"]
     assert not [n for n in graph.node if n.op_type == "BatchNormalization"]
-    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "model.onnx"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "manifest.json.sha256", "model.onnx"]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -99,8 +100,10 @@ def test_manifest_follows_the_bundle_contract(bundle: Path, model: nn.Module) ->
     assert m["input"] == {"name": "image", "shape": [-1, 3, SIZE, SIZE], "dtype": "float32",
                           "layout": "NCHW", "mean": [0.5] * 3, "std": [0.25] * 3}
     assert m["tasks"] == [
-        {"name": "seg", "kind": "segmentation", "classes": 5, "output": "seg", "shape": [-1, 5, SIZE, SIZE]},
-        {"name": "cls", "kind": "classification", "classes": 3, "output": "cls", "shape": [-1, 3]},
+        {"name": "seg", "kind": "segmentation", "classes": 5, "output": "seg", "shape": [-1, 5, SIZE, SIZE],
+         "values": OUTPUT_VALUES["segmentation"]},
+        {"name": "cls", "kind": "classification", "classes": 3, "output": "cls", "shape": [-1, 3],
+         "values": OUTPUT_VALUES["classification"]},
     ]
     n_bn = sum(isinstance(x, nn.BatchNorm2d) for x in model.modules())
     c = m["compile"]
@@ -110,6 +113,8 @@ def test_manifest_follows_the_bundle_contract(bundle: Path, model: nn.Module) ->
     assert m["provenance"] == {"git_commit": "abc"} and m["taskfold_version"]
     digest = hashlib.sha256((bundle / "model.onnx").read_bytes()).hexdigest()
     assert m["files"] == {"model.onnx": f"sha256:{digest}"}
+    manifest_digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    assert (bundle / "manifest.json.sha256").read_text() == f"{manifest_digest}  manifest.json\n"
     verify_bundle(bundle)
 
 
@@ -170,8 +175,10 @@ def test_failed_compile_leaves_the_previous_bundle_untouched(tmp_path: Path) -> 
                 std=[1.0] * 3, tasks=[{"name": "y", "kind": "depth"}], parity_inputs=np.zeros((1, 3, 16, 16)))
     write_bundle(out, **args)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(CompileError, match="a bundle exists there"):
+        write_bundle(out, **args)
     with pytest.raises(CompileError, match="ONNX parity failed"):
-        write_bundle(out, **args, parity_tol=-1.0)
+        write_bundle(out, **args, parity_tol=-1.0, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary folder left behind
     assert _manifest(out)["compile"]["bn_folded"] == 1

@@ -32,7 +32,7 @@ def test_overrides_nested_and_list_items():
 @pytest.mark.parametrize("override, fragment", [
     ("train.epochs", "expected KEY=VALUE"),
     ("tasks.7.weight=1", "is not an index"),
-    ("train.lr=-1", "train.lr: must be > 0"),
+    ("train.lr=-1", "train.lr: must be a finite number > 0"),
     ("primary=normals", "primary: 'normals' is not one of the tasks"),
 ])
 def test_bad_overrides(override, fragment):

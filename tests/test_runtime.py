@@ -16,6 +16,8 @@ from taskfold.runtime import (
 )
 from taskfold.runtime.cuda import cuda_unavailable_reason
 
+from bundle_edit import edit_manifest, rehash_file, write_manifest_text
+
 torch = pytest.importorskip("torch")
 SIZE = 16
 
@@ -120,12 +122,46 @@ def test_missing_model_is_refused(bundle_copy: Path) -> None:
         load(bundle_copy)
 
 
+def _task(folder: Path, index: int, **changes: Any) -> list[dict]:
+    tasks = json.loads((folder / "manifest.json").read_text())["tasks"]
+    tasks[index] = {**tasks[index], **changes}
+    return tasks
+
+
+def _input(folder: Path, **changes: Any) -> dict:
+    spec = json.loads((folder / "manifest.json").read_text())["input"]
+    return {k: v for k, v in {**spec, **changes}.items() if v is not None}
+
+
+def _truncate_and_rehash(folder: Path) -> None:
+    data = (folder / "model.onnx").read_bytes()
+    (folder / "model.onnx").write_bytes(data[: len(data) // 2])
+    rehash_file(folder, "model.onnx")
+
+
 @pytest.mark.parametrize(("damage", "message"), [
     (lambda d: shutil.rmtree(d), "no such folder"),
     (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
-    (lambda d: (d / "manifest.json").write_text("{not json"), "not readable JSON"),
-    (lambda d: (d / "manifest.json").write_text(json.dumps({"format": "other/9"})), "unknown format 'other/9'"),
-    (lambda d: _edit_manifest(d, files={"../model.onnx": "sha256:00"}), "is not inside the bundle"),
+    (lambda d: (d / "manifest.json.sha256").unlink(), "manifest.json.sha256 is missing"),
+    (lambda d: write_manifest_text(d, "{not json"), "not readable JSON"),
+    (lambda d: write_manifest_text(d, json.dumps({"format": "other/9"})), "unknown format 'other/9'"),
+    (lambda d: edit_manifest(d, files={"../model.onnx": "sha256:00"}), "is not inside the bundle"),
+    # a swapped task name, the manifest's hash left as it was
+    (lambda d: edit_manifest(d, tasks=_task(d, 0, name="depth"), rehash=False),
+     r"manifest.json does not match its sha256 in manifest.json.sha256"),
+    (lambda d: edit_manifest(d, tasks={"seg": "seg_logits"}), "'tasks' must be a non-empty list"),
+    (lambda d: edit_manifest(d, input=_input(d, shape=None)), "input.shape must be a list of integers"),
+    (lambda d: edit_manifest(d, tasks=_task(d, 1, output="scene")),
+     "task 'scene' reads output 'scene', which the graph does not have"),
+    (lambda d: edit_manifest(d, input=_input(d, name="pixels")),
+     r"the manifest's input 'pixels' does not match the graph's input\(s\) \['image'\]"),
+    (lambda d: edit_manifest(d, input=_input(d, shape=[-1, 3, 32, 32])),
+     r"input.shape \[-1, 3, 32, 32\] in the manifest contradicts the graph's \(\?,3,16,16\)"),
+    (lambda d: edit_manifest(d, input=_input(d, dtype="float16")),
+     "input.dtype 'float16' in the manifest contradicts the graph's float32"),
+    (lambda d: edit_manifest(d, tasks=_task(d, 1, shape=[-1, 7])),
+     r"task 'scene' shape \[-1, 7\] in the manifest contradicts the graph's \(\?,4\)"),
+    (_truncate_and_rehash, "not a readable ONNX model"),
 ])
 def test_broken_bundles_give_one_clear_line(bundle_copy: Path, damage: Any, message: str) -> None:
     damage(bundle_copy)
@@ -134,9 +170,95 @@ def test_broken_bundles_give_one_clear_line(bundle_copy: Path, damage: Any, mess
     assert "\n" not in str(caught.value)
 
 
-def _edit_manifest(folder: Path, **changes: Any) -> None:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    (folder / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+def test_symbolic_links_in_a_bundle_are_refused(bundle_copy: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.onnx"
+    (bundle_copy / "model.onnx").rename(elsewhere)
+    (bundle_copy / "model.onnx").symlink_to(elsewhere)  # same bytes, same hash: still refused
+    with pytest.raises(BundleError, match="model.onnx is a symbolic link"):
+        load(bundle_copy)
+    (bundle_copy / "model.onnx").unlink()
+    (bundle_copy / "model.onnx").write_bytes(elsewhere.read_bytes())
+    (bundle_copy / "notes").symlink_to(tmp_path)  # not listed, still not allowed inside a bundle
+    with pytest.raises(BundleError, match="notes is a symbolic link"):
+        load(bundle_copy)
+
+
+def test_the_session_runs_the_verified_bytes_not_the_file(bundle_copy: Path, monkeypatch: Any) -> None:
+    """ONNX Runtime gets the bytes that were hashed; it never opens model.onnx by path."""
+    opened = []
+    real = ort.InferenceSession
+
+    def spy(model: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    predictor = load(bundle_copy, threads=1)
+    assert len(opened) == 1 and opened[0] == (bundle_copy / "model.onnx").read_bytes()
+    assert set(predictor(_images(1))) == {"seg", "scene"}
+
+
+def _external_data_bundle(folder: Path, *, list_data: bool) -> np.ndarray:
+    """A one-conv graph whose weight lives in ``weights.bin`` (ONNX external data)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(3).standard_normal((2, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["y"])], "ext",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folder.mkdir()
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+    write_manifest(folder, {
+        "name": "ext", "input": {"name": "image", "shape": [-1, 3, 4, 4], "dtype": "float32"},
+        "tasks": [{"name": "y", "kind": "depth", "output": "y"}],
+        "files": ["model.onnx", "weights.bin"] if list_data else ["model.onnx"]})
+    return weight
+
+
+def test_external_data_is_verified_and_read_from_memory(tmp_path: Path) -> None:
+    folder = tmp_path / "ext"
+    weight = _external_data_bundle(folder, list_data=True)
+    images = _images(2)[:, :, :4, :4].copy()
+    out = load(folder, threads=1)(images)["y"]
+    np.testing.assert_allclose(out, np.einsum("oc,nchw->nohw", weight[:, :, 0, 0], images), rtol=1e-5, atol=1e-5)
+    data = bytearray((folder / "weights.bin").read_bytes())
+    data[0] ^= 0x01
+    (folder / "weights.bin").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="weights.bin does not match its sha256"):
+        load(folder)
+
+
+def test_unlisted_external_data_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "ext"
+    _external_data_bundle(folder, list_data=False)
+    with pytest.raises(BundleError, match="reads external data from 'weights.bin', which the manifest does not list"):
+        load(folder)
+
+
+def test_nonfinite_inputs_are_refused_unless_allowed(built: tuple[Path, TwoTasks]) -> None:
+    predictor = load(built[0], threads=1)
+    images = _images(2)
+    images[1, 0, 3, 3] = np.nan
+    images[0, 2, 0, 0] = np.inf
+    with pytest.raises(InputError, match=r"the images hold 2 NaN/inf value\(s\)"):
+        predictor(images)
+    out = predictor(images, allow_nonfinite=True)
+    assert np.isnan(out["scene"][1]).all()  # what the check protects a caller from
+
+
+def test_normalize_applies_the_manifest_mean_and_std(built: tuple[Path, TwoTasks]) -> None:
+    from taskfold.runtime.inputs import normalize
+
+    predictor = load(built[0], threads=1)
+    raw = np.random.default_rng(4).uniform(0, 1, (2, 3, SIZE, SIZE))
+    expected = ((raw - 0.5) / 0.25).astype(np.float32)  # the fixture's mean 0.5, std 0.25
+    np.testing.assert_allclose(normalize(raw, predictor.input_spec), expected, rtol=0, atol=1e-6)
+    with pytest.raises(InputError, match=r"expected 0-1 images, got values in \[0\.\d+, 255\]"):
+        normalize(raw * 255, predictor.input_spec)
 
 
 @pytest.mark.parametrize(("images", "message"), [

@@ -4,7 +4,8 @@ single-task and shared baselines (a table and a scatter plot).
 The tree picture puts the layers on the x axis (stem at 0, block l at l+1) and gives every task
 a lane on the y axis; a node sits at the mean lane of its tasks, so a shared trunk runs down the
 middle and splits where tasks branch off. Line width grows with the number of tasks sharing a
-node.
+node. Task names are written on their own lanes, joined to their last node by a thin line, so
+tasks that never branch apart do not print their names on top of each other.
 """
 from __future__ import annotations
 
@@ -32,12 +33,13 @@ def plot_tree(tree: list[list[list[str]]], path: str | Path, title: str = "") ->
             ax.plot([layer + 1], [y], "o", color="tab:blue", markersize=4)
             current.update({n: y for n in group})
         previous = current
-    for name in tasks:
-        ax.annotate(name, (len(tree) + 0.1, previous[name]), va="center")
+    for name in tasks:  # each label on its own lane (tasks sharing a last node would overlap at its y)
+        ax.plot([len(tree), len(tree) + 0.25], [previous[name], lane[name]], color="grey", linewidth=0.8)
+        ax.annotate(name, (len(tree) + 0.3, lane[name]), va="center")
     ax.plot([0], [(len(tasks) - 1) / 2], "s", color="black")
     ax.set_xticks(range(len(tree) + 1), ["stem"] + [f"block {i}" for i in range(len(tree))], rotation=30)
     ax.set_yticks([])
-    ax.set_xlim(-0.3, len(tree) + 1.2)
+    ax.set_xlim(-0.3, len(tree) + 1.4)
     ax.set_ylim(-0.7, len(tasks) - 0.3)
     ax.set_title(title or "BMTAS branching tree")
     fig.tight_layout()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -260,7 +261,15 @@ def _apply_override(raw: dict, assignment: str) -> None:
         node[last] = value
 
 
+def _check_name(name: str, problems: list[str]) -> None:
+    """A run name is a plain folder name under runs/; ``-o`` is how a run goes elsewhere."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("~") or "\0" in name:
+        problems.append(f"name: {name!r} must be a plain name (no path separators, '..' or '~'); "
+                        "use -o DIR to put the run somewhere else")
+
+
 def _check(cfg: Config, problems: list[str]) -> None:
+    _check_name(cfg.name, problems)
     if not cfg.tasks:
         problems.append("tasks: at least one task is required")
     seen: set[str] = set()
@@ -290,8 +299,8 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"{path}: must be >= 1, got {value}")
     if cfg.data.workers is not None and cfg.data.workers < 0:
         problems.append(f"data.workers: must be >= 0 (or null for the default), got {cfg.data.workers}")
-    if cfg.train.lr <= 0:
-        problems.append(f"train.lr: must be > 0, got {cfg.train.lr}")
+    if not (cfg.train.lr > 0 and math.isfinite(cfg.train.lr)):  # NaN fails every comparison
+        problems.append(f"train.lr: must be a finite number > 0, got {cfg.train.lr}")
     _check_compile(cfg.compile, problems)
     if any(b < 1 for b in cfg.bench.batches):
         problems.append(f"bench.batches: every batch size must be >= 1, got {cfg.bench.batches}")
@@ -336,7 +345,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML recipe is UTF-8 text)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

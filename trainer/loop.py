@@ -8,6 +8,7 @@ goes through the Method contract; nothing here knows about a particular method.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from taskfold.trainer.data.loader import ARCH, EpochBatches, SplitLoader
 from taskfold.trainer.methods import Method, Progress, create_method
 from taskfold.trainer.report import baseline_results
 from taskfold.trainer.rundir import RunDir
+from taskfold.trainer.runlock import folder_lock
 from taskfold.trainer.tasks import create_task
 from taskfold.trainer.weighting import StepContext, create_weighting
 
@@ -240,19 +242,30 @@ def finish(state: RunState) -> dict:
             "follow_up": state.method.follow_up(state.cfg, state.run.path, state.spec.decision)}
 
 
-def train(cfg: Config, run_dir: str | Path) -> dict:
-    """Train (or search) one run into ``run_dir``; returns the test summary."""
-    state = setup(cfg, run_dir)
-    fit(state)
-    return finish(state)
+def train(cfg: Config, run_dir: str | Path, *, started: Callable[[], None] | None = None) -> dict:
+    """Train (or search) one run into ``run_dir``, holding its lock; returns the test summary.
+
+    ``started`` is called once setup has succeeded (the run has started cleanly): the moment
+    ``--overwrite`` may delete the run this one replaces (see :mod:`taskfold.trainer.run_target`).
+    """
+    Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run_dir):
+        state = setup(cfg, run_dir)
+        if started is not None:
+            started()
+        fit(state)
+        return finish(state)
 
 
-def train_stages(cfg: Config, run_dir: str | Path) -> tuple[dict, Path]:
+def train_stages(cfg: Config, run_dir: str | Path, *, started: Callable[[], None] | None = None) -> tuple[dict, Path]:
     """Train a run and every follow-up stage its method asks for (BMTAS: retrain the derived tree
-    in ``run_dir/retrain``); returns the last stage's summary and directory (what to compile)."""
-    run_dir = Path(run_dir)
-    summary = train(cfg, run_dir)
-    while summary["follow_up"] is not None:
-        cfg, run_dir = summary["follow_up"], RunDir(run_dir).follow_up_path
-        summary = train(cfg, run_dir)
+    in ``run_dir/retrain``); returns the last stage's summary and directory (what to compile).
+    ``started``: see :func:`train` (called for the first stage)."""
+    top = run_dir = Path(run_dir)
+    top.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(top):  # no other process may compile or replace the run between its stages
+        summary = train(cfg, run_dir, started=started)
+        while summary["follow_up"] is not None:
+            cfg, run_dir = summary["follow_up"], RunDir(run_dir).follow_up_path
+            summary = train(cfg, run_dir)
     return summary, run_dir

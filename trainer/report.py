@@ -1,10 +1,13 @@
 """report.md for a run: test metrics, the cost table (MACs, params, latency) and training curves.
 
-Takes plain dicts (metrics records, the bundle manifest, benchmark rows) so any stage can add
-to it without importing the others.
+:func:`write_report` takes plain dicts (metrics records, the bundle manifest, benchmark rows) so
+any stage can add to it without importing the others; :func:`run_summary` reads back what it
+needs from a run directory, and :func:`stage_lines` links the reports of a staged run (BMTAS
+search → retrain, DMTG search → fine-tune) from its top (see ``cli/pipeline.py``).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from taskfold.models.registry import Registry
@@ -26,6 +29,16 @@ def pyplot():
     return plt
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def line_style(points: int) -> dict:
+    """Markers where a curve has too few points to be seen as a line (a single point is invisible)."""
+    return {"marker": "o", "markersize": 4} if points <= 3 else {}
+
+
 def plot_training_curves(records: list[dict], path: Path) -> Path:
     """Per-task training loss against step, and each task's main validation metric per epoch."""
     plt = pyplot()
@@ -36,7 +49,8 @@ def plot_training_curves(records: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(4.2 * (1 + len(tasks)), 3.4), squeeze=False)
     axes = axes[0]
     for task in (train[0]["losses"] if train else {}):
-        axes[0].plot([r["step"] for r in train], [r["losses"][task] for r in train], label=task)
+        axes[0].plot([r["step"] for r in train], [r["losses"][task] for r in train], label=task,
+                     **line_style(len(train)))
     axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
     axes[0].legend()
     for ax, task in zip(axes[1:], tasks):  # one panel per task: metrics live on different scales
@@ -60,7 +74,8 @@ def plot_series(records: list[dict], prefix: str, path: Path, title: str) -> Pat
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for key in keys:
         points = [(r["step"], r[key]) for r in train if key in r]
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=key[len(prefix) + 1:])
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=key[len(prefix) + 1:],
+                **line_style(len(points)))
     ax.set(xlabel="step", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -174,16 +189,20 @@ def baseline_section(path: str, summary: dict) -> list[str]:
 
 
 def write_report(run: RunDir, *, summary: dict, manifest: dict | None = None,
-                 bench_rows: list[dict] | None = None, sections: list[str] | None = None) -> Path:
-    """Write ``report.md`` (and ``training_curves.png``) into the run directory."""
+                 bench_rows: list[dict] | None = None, sections: list[str] | None = None,
+                 preamble: list[str] | None = None) -> Path:
+    """Write ``report.md`` (and ``training_curves.png``) into the run directory; ``preamble``
+    lines go before the test metrics, ``sections`` at the end."""
     records = run.read_metrics()
     plot = plot_training_curves(records, run.path / "training_curves.png")
     cfg = run.load_config()
     lines = [f"# Run report: {cfg.name}", "",
              f"method `{cfg.method_name}`, backbone `{cfg.model.backbone}`, dataset `{cfg.data.dataset}` "
              f"({cfg.data.size}×{cfg.data.size}, {cfg.data.train_size} training images), "
-             f"{cfg.train.epochs} epochs, weighting `{cfg.weighting['name']}`.", "",
-             "## Test metrics", "", *_metrics_table(summary["test"], summary.get("directions", {})), ""]
+             f"{plural(cfg.train.epochs, 'epoch')}, weighting `{cfg.weighting['name']}`.", "",
+             *(preamble or []),
+             "## Test metrics", "", *(_metrics_table(summary["test"], summary.get("directions", {}))
+                                      if summary.get("test") else ["No test record: the run did not finish."]), ""]
     if manifest is not None:
         compile_info = manifest.get("compile", {})
         lines += ["## Inference cost (compiled bundle, ONNX Runtime)", "",
@@ -204,7 +223,7 @@ def write_report(run: RunDir, *, summary: dict, manifest: dict | None = None,
         extra = plot_series(records, prefix, run.path / f"{prefix}.png", title)
         if extra is not None:
             lines += [f"## {title}", "", f"![{prefix}]({extra.name})", ""]
-    if cfg.report.baseline is not None:
+    if cfg.report.baseline is not None and summary.get("test"):
         lines += baseline_section(cfg.report.baseline, summary)
     method = run.load_arch().method if run.arch_path.is_file() else cfg.method_name
     if method in REPORT_SECTIONS:
@@ -213,3 +232,34 @@ def write_report(run: RunDir, *, summary: dict, manifest: dict | None = None,
         lines += [section, ""]
     run.report_path.write_text("\n".join(lines))
     return run.report_path
+
+
+def run_summary(run: RunDir) -> dict:
+    """What :func:`write_report` needs, read back from a run directory: the test metrics (None
+    for an unfinished run) and each task's metric directions and main metric."""
+    from taskfold.trainer.data import create_dataset
+    from taskfold.trainer.tasks import create_task
+
+    cfg = run.load_config()
+    d = cfg.data
+    info = create_dataset(d.dataset, "val", size=d.size, num_samples=1, seed=d.seed, cache_dir=d.cache_dir,
+                          **d.options).info
+    tasks = [create_task(t.name, t.kind, info, **t.options) for t in cfg.tasks]
+    return {"test": run.test_metrics(), "directions": {t.name: t.metrics for t in tasks},
+            "main_metric": {t.name: t.main_metric for t in tasks}}
+
+
+def stage_lines(stages: list[RunDir], index: int, summaries: list[dict]) -> list[str]:
+    """A staged run's map: each stage's report, linked relative to stage ``index``'s folder."""
+    here = stages[index].path
+    lines = ["## Stages", ""]
+    for i, stage in enumerate(stages):
+        label = "search" if i == 0 else f"stage {i + 1} (`{os.path.relpath(stage.path, stages[0].path)}`)"
+        role = ", the final model (compiled)" if i == len(stages) - 1 else ""
+        link = "this report" if i == index else f"[report]({os.path.relpath(stage.report_path, here)})"
+        lines.append(f"{i + 1}. {label}{role}: {link}")
+    lines.append("")
+    final = summaries[-1]
+    if index == 0 and final.get("test"):
+        lines += ["Final model's test metrics:", "", *_metrics_table(final["test"], final["directions"]), ""]
+    return lines

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -47,6 +48,11 @@ class RunDir:
         return self.path / "report.md"
 
     @property
+    def bench_path(self) -> Path:
+        """Latency rows of the run's bundle, measured by ``taskfold run`` (read by ``taskfold report``)."""
+        return self.path / "bench.json"
+
+    @property
     def bundle_path(self) -> Path:
         return self.path / "bundle"
 
@@ -57,10 +63,7 @@ class RunDir:
 
     def last_stage(self) -> "RunDir":
         """The run of this run's last follow-up stage (itself when it has none)."""
-        run = self
-        while run.follow_up_path.is_dir():
-            run = RunDir(run.follow_up_path)
-        return run
+        return self.stages()[-1]
 
     def create(self, cfg: Config) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -72,9 +75,43 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict]:
+        """Every record of metrics.jsonl; a ConfigError naming the first line that is not a JSON object."""
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        try:
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ConfigError(f"run {self.path}: metrics.jsonl is not text") from None
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                raise ConfigError(f"run {self.path}: metrics.jsonl line {number} is not a JSON object")
+            records.append(record)
+        return records
+
+    def save_bench(self, rows: list[dict]) -> None:
+        _atomic(self.bench_path, lambda p: p.write_text(json.dumps(rows, indent=1)))
+
+    def read_bench(self) -> list[dict]:
+        """The saved latency rows ([] when none were measured, or the file is unreadable)."""
+        try:
+            rows = json.loads(self.bench_path.read_text())
+        except (OSError, ValueError):
+            return []
+        return rows if isinstance(rows, list) and all(isinstance(r, dict) for r in rows) else []
+
+    def stages(self) -> list["RunDir"]:
+        """This run and each of its follow-up stages, in order (the last is what is compiled)."""
+        runs = [self]
+        while runs[-1].follow_up_path.is_dir():
+            runs.append(RunDir(runs[-1].follow_up_path))
+        return runs
 
     def test_metrics(self) -> dict[str, dict[str, float]] | None:
         """The run's test metrics (its last ``test`` record), or None if it has not finished."""
@@ -92,7 +129,15 @@ class RunDir:
         path = self.checkpoints / tag / WEIGHTS
         if not path.is_file():
             raise ConfigError(f"run {self.path}: no checkpoint at {path} (did training finish?)")
-        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(f"run {self.path}: checkpoint {path} is not readable ({exc}; truncated?)") from None
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # "size mismatch for ..." lines: keep the first
+            detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "")
+            raise ConfigError(f"run {self.path}: checkpoint does not fit arch.json ({detail or 'shapes differ'})") from None
         if missing or unexpected:
             raise ConfigError(
                 f"run {self.path}: checkpoint does not fit arch.json "

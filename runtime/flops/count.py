@@ -43,9 +43,11 @@ def _load(model_or_path: onnx.ModelProto | str | os.PathLike[str]) -> onnx.Model
     if not path.is_file():
         raise BundleError(f"no ONNX file at {path}")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
         raise BundleError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    from taskfold.runtime.graph_check import require_model  # graph_check imports flops.shapes
+    return require_model(model, str(path))
 
 
 def _ancestors(graph: onnx.GraphProto, output: str, producer: dict[str, int]) -> set[int]:

@@ -5,12 +5,18 @@ The item/batch contract the trainer relies on is in :mod:`taskfold.trainer.data.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 
 from taskfold.models.registry import Registry
 from taskfold.trainer.config import ConfigError
 
 DATASETS: Registry = Registry("dataset")
+
+# What one pixel of one sample costs in memory once a split is loaded: the float32 image and
+# every label as tensors, plus the arrays they were made from (synthscenes holds 61 bytes, and
+# peaks near 88 while rendering). A rough figure, good enough to refuse sizes that cannot fit.
+BYTES_PER_PIXEL = 64
 
 
 @dataclass
@@ -44,4 +50,28 @@ def create_dataset(name: str, split: str, *, size: int, num_samples: int | None,
         raise ConfigError(f"data.root: dataset {name!r} is generated and reads no folder; remove data.root")
     if num_samples is None:
         raise ConfigError(f"data.{split}_size: dataset {name!r} is generated and needs a number of samples")
+    check_fits_in_memory(split, size, num_samples)
     return builder(split=split, size=size, num_samples=num_samples, seed=seed, cache_dir=cache_dir, **options)
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB" if nbytes < 2**50 else f"{nbytes / 2**50:,.3g} PiB"
+
+
+def check_fits_in_memory(split: str, size: int | tuple[int, int], num_samples: int) -> None:
+    """Refuse a split that could never be held in memory here, before rendering any of it."""
+    height, width = (size, size) if isinstance(size, int) else size
+    need = num_samples * height * width * BYTES_PER_PIXEL
+    have = physical_memory()
+    if have is not None and need > have:
+        raise ConfigError(f"data: the {split} split ({num_samples} images of {height}x{width} pixels) needs about "
+                          f"{_gib(need)} of memory and this machine has {_gib(have)}; "
+                          "lower data.size or the split sizes")

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,7 @@ STD = (0.1440, 0.1430, 0.1447)
 # Bump when the renderer or the scene distribution changes, so that old cache files are not reused.
 CACHE_FORMAT = 1
 _ARRAY_KEYS = ("image", "segmentation", "depth", "normals", "edges", "classification")
+log = logging.getLogger(__name__)
 
 
 def _object_half_size(kind: int, rng: np.random.Generator) -> np.ndarray:
@@ -143,8 +146,12 @@ def _load_or_render(cache_dir: str | os.PathLike | None, params: dict) -> dict[s
         return render_split(**params)
     path = _cache_path(cache_dir, params)
     if path.exists():
-        with np.load(path) as stored:
-            return {key: stored[key] for key in _ARRAY_KEYS}
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                return {key: stored[key] for key in _ARRAY_KEYS}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            log.warning("taskfold: warning: cache file %s is unreadable (%s); rendering it again",
+                        path, type(exc).__name__)
     arrays = render_split(**params)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary file in the same folder, then rename: readers never see half a file.

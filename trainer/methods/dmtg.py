@@ -30,10 +30,14 @@ from taskfold.models.nets.group import GroupNet
 from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
 from taskfold.trainer.methods.plain import load_weights_into
-from taskfold.trainer.report import REPORT_SECTIONS, pyplot
+from taskfold.trainer.report import REPORT_SECTIONS, line_style, pyplot
 from taskfold.trainer.rundir import WEIGHTS, RunDir
 
 ASSIGNMENTS = ("learned", "random", "fixed")
+# A task counts as decided when its chosen group holds at least this probability; below
+# UNDECIDED_MARGIN over the uniform 1/K it is still close to a coin toss.
+DECIDED = 0.9
+UNDECIDED_MARGIN = 0.1
 
 
 def random_groups(num_tasks: int, num_groups: int, seed: int) -> list[int]:
@@ -159,12 +163,47 @@ class DMTGMethod:
         return config_from_dict(raw)
 
 
+def decidedness(probabilities: list[float]) -> str:
+    """How settled one task's assignment is: ``decided``, ``leaning`` or ``near uniform``."""
+    chosen = max(probabilities)
+    if chosen >= DECIDED:
+        return "decided"
+    if chosen < 1.0 / len(probabilities) + UNDECIDED_MARGIN:
+        return "near uniform"
+    return "leaning"
+
+
+def groups_summary(decision: dict, assignment_mode: str) -> list[str]:
+    """The groups, announced as found only when every task's assignment is decided, and a table
+    of how decided each task is (P of the chosen group, its lead over the runner-up)."""
+    groups = "; ".join("{" + ", ".join(g) + "}" for g in decision["groups"])
+    probabilities = decision["probabilities"]
+    states = {name: decidedness(p) for name, p in probabilities.items()}
+    if assignment_mode != "learned":
+        headline = f"Groups ({assignment_mode} assignment, not searched): {groups}."
+    elif all(state == "decided" for state in states.values()):
+        headline = f"Groups found: {groups} (every task's group has P >= {DECIDED})."
+    else:
+        unsettled = sum(state != "decided" for state in states.values())
+        headline = (f"No grouping found yet: {unsettled} of {len(states)} tasks have P(chosen group) < {DECIDED}, "
+                    f"so the argmax read-off {groups} (what the compiler keeps) is not a finding; "
+                    "train longer, anneal tau or raise method.logits_lr.")
+    lines = [headline, "", "| task | group | P(group) | lead over runner-up | state |", "|---|---:|---:|---:|---|"]
+    for name, p in probabilities.items():
+        ranked = sorted(p, reverse=True)
+        lead = ranked[0] - (ranked[1] if len(ranked) > 1 else 0.0)
+        lines.append(f"| {name} | {decision['assignment'][name]} | {ranked[0]:.3f} | {lead:.3f} | {states[name]} |")
+    return lines
+
+
 @REPORT_SECTIONS.register("dmtg")
 def report_section(run: RunDir, records: list[dict]) -> list[str]:
-    """The N×K assignment probabilities at the end (heatmap) and over training, and the groups."""
+    """The N×K assignment probabilities at the end (heatmap) and over training, and the groups
+    with how decided each task is."""
     plt = pyplot()
 
-    decision = run.load_arch().decision
+    spec = run.load_arch()
+    decision = spec.decision
     names = list(decision["probabilities"])
     final = [decision["probabilities"][n] for n in names]
     history = [r["probabilities"] for r in records if r.get("type") == "schedule" and "probabilities" in r]
@@ -175,11 +214,12 @@ def report_section(run: RunDir, records: list[dict]) -> list[str]:
     fig.colorbar(image, ax=axes[0])
     for i, name in enumerate(names):
         k = decision["assignment"][name]
-        axes[1].plot([h[name][k] for h in history] + [final[i][k]], label=f"{name} → {k}")
+        axes[1].plot([h[name][k] for h in history] + [final[i][k]], label=f"{name} → {k}",
+                     **line_style(len(history) + 1))
     axes[1].set(xlabel="epoch", ylabel="P(chosen group)", title="over training", ylim=(0, 1))
     axes[1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(run.path / "groups.png", dpi=90)
     plt.close(fig)
-    groups = "; ".join("{" + ", ".join(g) + "}" for g in decision["groups"])
-    return ["## Task groups (DMTG)", "", f"Groups found: {groups}.", "", "![groups](groups.png)", ""]
+    mode = spec.options.get("assignment", "learned")
+    return ["## Task groups (DMTG)", "", *groups_summary(decision, mode), "", "![groups](groups.png)", ""]
