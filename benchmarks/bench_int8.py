@@ -79,12 +79,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--per-round", type=int, default=3)
     parser.add_argument("--calib-images", type=int, default=256)
+    parser.add_argument("--force", action="store_true",
+                        help="keep the INT8 graph even if the accuracy guard refuses it (a briefly trained "
+                             "latency-only run such as runs/compute_r50)")
     args = parser.parse_args()
     run = RunDir(args.run)
     batches = [int(b) for b in args.batches.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     bundle = run.path / "bundle_int8"
-    compile_run(run.path, bundle, int8=True, calib_images=args.calib_images)
+    compile_run(run.path, bundle, int8=True, calib_images=args.calib_images, force=args.force, overwrite=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
     int8 = manifest["precisions"]["int8"]
     cfg = run.load_config()
