@@ -21,6 +21,7 @@ USER_ERRORS = {
     "taskfold.runtime.errors": ("BundleError", "InputError", "BackendUnavailable"),
     "taskfold.trainer.config": ("ConfigError",),
     "taskfold.trainer.runlock": ("RunInUse",),
+    "taskfold.trainer.loop": ("NonFiniteLoss",),
     "taskfold.models.errors": ("ModelError",),
     "taskfold.models.registry": ("UnknownNameError",),
     "taskfold.compiler.errors": ("CompileError",),
@@ -47,10 +48,23 @@ def _run_dir(cfg, out: str | None) -> Path:
     return Path(out) if out else Path("runs") / cfg.name
 
 
+def _resume_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` of a resumed run (plus --quiet/--json as train.progress=false); refuses what
+    --resume cannot be combined with."""
+    from taskfold.trainer.config import ConfigError
+
+    for given, flag in ((args.config, "a CONFIG"), (args.output, "-o"), (args.overwrite, "--overwrite")):
+        if given:
+            raise ConfigError(f"--resume continues RUN_DIR with its own config: {flag} cannot be given with it")
+    return [*args.set, *(["train.progress=false"] if args.json or args.quiet else [])]
+
+
 def cmd_run(args: argparse.Namespace) -> dict:
     from taskfold.cli.pipeline import run_pipeline
     from taskfold.trainer.run_target import new_run_dir
 
+    if args.resume:
+        return run_pipeline(None, Path(args.resume), resume=_resume_overrides(args))
     cfg = _load_config(args.config, args.set)
     _apply_quiet(cfg, args)
     with new_run_dir(_run_dir(cfg, args.output), overwrite=args.overwrite) as target:
@@ -59,8 +73,16 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> dict:
     from taskfold.trainer.loop import train_stages
+    from taskfold.trainer.resume import resume_stages
     from taskfold.trainer.run_target import new_run_dir
 
+    if args.resume:
+        summary, final_dir = resume_stages(args.resume, _resume_overrides(args))
+        return {"run_dir": str(final_dir), "test": summary["test"]}
+    if args.config is None:
+        from taskfold.trainer.config import ConfigError
+
+        raise ConfigError("train: give a CONFIG (a YAML recipe) or --resume RUN_DIR")
     cfg = _load_config(args.config, args.set)
     _apply_quiet(cfg, args)
     with new_run_dir(_run_dir(cfg, args.output), overwrite=args.overwrite) as target:
@@ -270,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
              "Train (or search) a recipe into a run directory, with any follow-up stage (BMTAS retrain,\n"
              "DMTG fine-tune) in RUN/retrain; compile it later with `taskfold compile`.")):
         p = command(name, summary, description)
-        p.add_argument("config", nargs="?" if name == "run" else None, metavar="CONFIG",
+        p.add_argument("config", nargs="?", metavar="CONFIG",
                        help="YAML recipe, e.g. configs/demo.yaml" + (" (default: the demo recipe)" if name == "run" else ""))
         p.add_argument("-o", "--output", metavar="DIR", help="run directory (default: runs/<name from the recipe>)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -278,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing run directory; the old run is deleted only once the new one has "
                             "started cleanly")
+        p.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a killed or stopped run from its last checkpoint (--set may change only "
+                            "train.epochs, logging, checkpointing, bench, report and compile fields)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         add_json(p)
 
