@@ -121,8 +121,15 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         raise InputError(f"--batch {args.batch!r}: expected comma-separated integers, e.g. 1,8") from None
     predictor = load(args.bundle, backend=args.backend, precision=args.precision, provider=args.provider,
                      threads=args.threads)
-    rows = benchmark(predictor, sizes, warmup=args.warmup, iters=args.iters)
-    return {"bundle": args.bundle, "backend": args.backend, "precision": predictor.precision, "results": rows}
+    tasks = _task_list(args.tasks)
+    rows = benchmark(predictor, sizes, warmup=args.warmup, iters=args.iters, tasks=tasks)
+    return {"bundle": args.bundle, "backend": args.backend, "precision": predictor.precision,
+            "tasks": predictor.task_names(tasks), "macs": predictor.cost(tasks), "results": rows}
+
+
+def _task_list(tasks: str | None) -> list[str] | None:
+    """``--tasks seg,depth`` as a list (None: every task); names are checked by the predictor."""
+    return None if tasks is None else [name.strip() for name in tasks.split(",")]
 
 
 def cmd_predict(args: argparse.Namespace) -> dict:
@@ -149,7 +156,7 @@ def cmd_predict(args: argparse.Namespace) -> dict:
     predictor = load(args.bundle, precision=args.precision, provider=args.provider)
     if args.normalize:
         images = normalize(images, predictor.input_spec)
-    outputs = predictor(images, allow_nonfinite=args.allow_nonfinite)
+    outputs = predictor(images, tasks=_task_list(args.tasks), allow_nonfinite=args.allow_nonfinite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "wb") as handle:  # a whole file or none: written aside, then renamed
@@ -329,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: every CPU available)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls before measuring (default: 5)")
     p.add_argument("--iters", type=int, default=30, help="timed calls per batch size (default: 30)")
+    p.add_argument("--tasks", metavar="NAMES",
+                   help="comma-separated tasks to run (default: all); only their sub-graph runs")
     add_json(p)
 
     p = command("predict", "run a bundle on images stored as a .npy array",
@@ -342,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", action="store_true",
                    help="IMAGES are 0-1 images: normalise them with the manifest's mean/std first")
     p.add_argument("--allow-nonfinite", action="store_true", help="run even if IMAGES hold NaN or inf")
+    p.add_argument("--tasks", metavar="NAMES",
+                   help="comma-separated tasks to run (default: all); only their sub-graph runs")
     add_runtime_flags(p)
     add_json(p)
 
