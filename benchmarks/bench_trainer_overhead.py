@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_line  # noqa: E402
 
+from taskfold.trainer.checkpoint import EpochCursor  # noqa: E402
 from taskfold.trainer.config import load_config  # noqa: E402
 from taskfold.trainer.loop import _train_epoch, setup  # noqa: E402
 
@@ -75,7 +76,7 @@ def measure(recipe: str, overrides: list[str], threads: int, rounds: int) -> Non
         timed = TimedLoader(state.loaders["train"])
         state.loaders["train"] = timed
         steps = timed.batches.weight_batches
-        candidates = {"trainer": lambda e: _train_epoch(state, e, 0, steps * rounds),
+        candidates = {"trainer": lambda e: _train_epoch(state, EpochCursor(epoch=e), steps * rounds),
                       "hand": lambda e: hand_written_epoch(state, e)}
         for fn in candidates.values():  # warm-up epoch each
             fn(0)

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from taskfold.cli import serving
+from taskfold.runtime.extras import require_extra
 
 EXIT_USER_ERROR = 2
 
@@ -63,6 +64,7 @@ def _resume_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
+    require_extra("train", "taskfold run")
     from taskfold.cli.pipeline import run_pipeline
     from taskfold.trainer.run_target import new_run_dir
 
@@ -75,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
+    require_extra("train", "taskfold train")
     from taskfold.trainer.loop import train_stages
     from taskfold.trainer.resume import resume_stages
     from taskfold.trainer.run_target import new_run_dir
@@ -99,6 +102,7 @@ COMPILE_FLAGS = ("tensorrt", "torch_tensorrt", "int8", "calib_images", "int8_tar
 
 
 def cmd_compile(args: argparse.Namespace) -> dict:
+    require_extra("train", "taskfold compile")
     from taskfold.compiler.compile_run import compile_run
 
     overrides = {name: getattr(args, name) for name in COMPILE_FLAGS if getattr(args, name) is not None}
@@ -109,6 +113,7 @@ def cmd_compile(args: argparse.Namespace) -> dict:
 
 
 def cmd_report(args: argparse.Namespace) -> dict:
+    require_extra("train", "taskfold report")
     from taskfold.cli.pipeline import write_run_reports
 
     return {"report": str(write_run_reports(args.run_dir))}

@@ -12,7 +12,8 @@ from taskfold.runtime.errors import MissingExtra
 
 # Import names (not distribution names) each extra brings, as the code imports them.
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "train": ("torch", "torchvision", "timm", "onnxscript", "safetensors", "yaml", "tqdm", "matplotlib"),
+    "train": ("torch", "torchvision", "timm", "onnxscript", "safetensors", "yaml", "tqdm", "matplotlib", "PIL",
+              "scipy"),
     "serve": ("starlette", "uvicorn"),
 }
 
