@@ -44,8 +44,8 @@ class TimedLoader:
     def __getattr__(self, name):
         return getattr(self.loader, name)
 
-    def epoch(self, epoch: int):
-        batches = iter(self.loader.epoch(epoch))
+    def epoch(self, epoch: int, skip: int = 0):
+        batches = iter(self.loader.epoch(epoch, skip))
         while True:
             start = time.perf_counter()
             try:
