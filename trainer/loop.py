@@ -78,7 +78,7 @@ def eval_loader(dataset, *, workers: int | None = None, pin_memory: bool = False
 def build_tasks(cfg: Config, info) -> list:
     tasks = []
     for t in cfg.tasks:
-        tasks.append(create_task(t.name, t.kind, info, **t.options))
+        tasks.append(create_task(t.name, t.kind, info, weight=t.weight, **t.options))
     return tasks
 
 
