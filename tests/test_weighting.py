@@ -17,7 +17,7 @@ from torch import nn
 
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.weighting import WEIGHTINGS, StepContext, create_weighting
-from taskfold.trainer.weighting.cagrad import MAX_TASKS, dual_value, solve_dual
+from taskfold.trainer.weighting.cagrad import MAX_TASKS, dual_value, face_point, solve_dual
 
 torch.set_num_threads(1)
 
@@ -213,6 +213,7 @@ CONDITIONED = {      # norms, dimension; "ill": norms ~1000x apart, the case iss
     "ill-2d": ([12.0, 19.0, 0.011, 0.037], 2),   # the projected-gradient loop stopped 0.5 % off here
     "ill-3d": ([12.0, 19.0, 0.011, 0.037], 3),
     "ill-3": ([20.0, 0.02, 0.015], 40),
+    "rank-3": ([12.0, 19.0, 0.011, 0.037, 5.0, 0.2], 3),   # 6 tasks in 3-D: singular faces
 }
 
 
@@ -256,6 +257,21 @@ def test_cagrad_dual_handles_a_task_without_gradient_and_collinear_tasks():
     w = solve_dual(gram, 0.5)
     grid = [np.array(p) / 20 for p in itertools.product(range(21), repeat=4) if sum(p) == 20]
     assert dual_value(gram, 0.5, w) <= min(dual_value(gram, 0.5, p) for p in grid) + 1e-12
+
+
+def test_cagrad_active_set_walk_agrees_with_every_face():
+    # the walk against the exhaustive answer (every face's exact point, the smallest value)
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        norms = list(10 ** rng.uniform(-2, 1.5, int(rng.integers(2, 7))))
+        gram = gram_of(norms, int(rng.integers(1000)), int(rng.integers(2, 10)))
+        gram = gram / (np.trace(gram) / len(gram))
+        faces = [np.array(f) for k in range(1, len(gram) + 1) for f in itertools.combinations(range(len(gram)), k)]
+        b = np.full(len(gram), 1 / len(gram))
+        a, c0 = gram @ b, 0.4 * np.sqrt(b @ gram @ b)
+        points = [w for w in (face_point(gram, a, c0, f) for f in faces) if w is not None]
+        best = min(dual_value(gram, 0.4, w) for w in points)
+        assert dual_value(gram, 0.4, solve_dual(gram, 0.4)) <= best + 1e-12 * max(1.0, abs(best))
 
 
 def test_cagrad_refuses_more_tasks_than_the_exact_solver_handles():

@@ -13,6 +13,7 @@ Cityscapes (LibMTL's default is 0.5).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,13 +63,74 @@ def _support_candidates(gram: np.ndarray, a: np.ndarray, c0: float, support: np.
     return [w] if w.min() >= -1e-12 else []
 
 
+def _meets_kkt(gram: np.ndarray, a: np.ndarray, c0: float, w: np.ndarray, tol: float = 1e-9) -> bool:
+    """Whether ``w`` satisfies the dual's optimality conditions: the gradient ``a + c0 G w / |g_w|``
+    equals one value mu on the support and is at least mu off it (sufficient: the dual is convex)."""
+    norm = np.sqrt(max(w @ gram @ w, 0.0))
+    if norm <= 0:
+        return False
+    slope = a + c0 * (gram @ w) / norm
+    on = w > 0
+    mu = slope[on].mean()
+    slack = tol * max(1.0, float(np.abs(slope).max()))
+    return bool(np.abs(slope[on] - mu).max() <= slack and (slope[~on] >= mu - slack).all())
+
+
+def face_point(gram: np.ndarray, a: np.ndarray, c0: float, support: np.ndarray) -> np.ndarray | None:
+    """The exact stationary point of the face on ``support`` (zeros elsewhere), or None."""
+    n = gram.shape[0]
+    found = _support_candidates(gram, a, c0, support) if len(support) > 1 else [np.ones(1)]
+    if not found:
+        return None
+    w = np.zeros(n)
+    w[support] = np.maximum(found[0], 0.0)
+    return w / w.sum()
+
+
+def _active_set(gram: np.ndarray, a: np.ndarray, c0: float, c: float) -> np.ndarray | None:
+    """The minimiser by a primal active-set walk, or None where the walk meets a degenerate face.
+
+    From the best vertex: while the KKT conditions fail, add the index whose gradient is lowest
+    and move towards the new face's stationary point, stopping where a weight reaches zero (that
+    index leaves). The value falls at every move, so no face repeats.
+    """
+    n = gram.shape[0]
+    w = np.eye(n)[min(range(n), key=lambda i: dual_value(gram, c, np.eye(n)[i]))]
+    for _ in range(4 * n * n):
+        if _meets_kkt(gram, a, c0, w):
+            return w
+        norm = np.sqrt(max(w @ gram @ w, 0.0))
+        if norm <= 0:
+            return None
+        slope = a + c0 * (gram @ w) / norm
+        support = set(np.flatnonzero(w > 0)) | {int(np.argmin(np.where(w > 0, np.inf, slope)))}
+        while True:
+            target = face_point(gram, a, c0, np.array(sorted(support)))
+            if target is None:
+                return None
+            if target.min() >= 0 and all(target[i] > 0 for i in support):
+                w = target
+                break
+            shrinking = [i for i in support if target[i] < w[i]]
+            step, leaving = min(((w[i] / (w[i] - target[i]), i) for i in shrinking if target[i] <= 0),
+                                default=(1.0, None))
+            w = np.maximum(w + step * (target - w), 0.0)
+            w /= w.sum()
+            if leaving is None:
+                break
+            w[leaving] = 0.0
+            support.discard(leaving)
+    return None
+
+
 def solve_dual(gram: np.ndarray, c: float) -> np.ndarray:
     """``argmin_{w in simplex} w . (gram b) + c sqrt(b' gram b) sqrt(w' gram w)``, ``b = 1/T``, exactly.
 
-    The dual is convex, so its minimiser is the best stationary point over the faces of the
-    simplex: each face's candidate (``_support_candidates``) is exact, and the smallest value over
-    all ``2^T - 1`` faces is the minimum (an iterative solver stalls on Gram matrices whose
-    entries differ by orders of magnitude, as task gradients often do).
+    The dual is convex, so its minimiser is a stationary point on one face of the simplex, where
+    it is found in closed form (``_support_candidates``), and any point meeting the KKT conditions
+    is it. An active-set walk finds the face in a few steps; where it meets a degenerate face, the
+    smallest value over all ``2^T - 1`` faces' points is the answer. (An iterative solver stalls on
+    Gram matrices whose entries differ by orders of magnitude, as task gradients often do.)
     """
     n = gram.shape[0]
     if n > MAX_TASKS:
@@ -80,14 +142,11 @@ def solve_dual(gram: np.ndarray, c: float) -> np.ndarray:
     gram = gram / scale                          # the minimiser does not depend on the scale
     a = gram @ b
     c0 = c * np.sqrt(max(b @ gram @ b, 0.0))
-    candidates = list(np.eye(n))
-    for mask in range(1, 2 ** n):
-        support = np.array([i for i in range(n) if mask >> i & 1])
-        if len(support) > 1:
-            for w_s in _support_candidates(gram, a, c0, support):
-                w = np.zeros(n)
-                w[support] = np.maximum(w_s, 0.0)
-                candidates.append(w / w.sum())
+    found = _active_set(gram, a, c0, c)
+    if found is not None:
+        return found
+    faces = (np.array(s) for size in range(1, n + 1) for s in itertools.combinations(range(n), size))
+    candidates = [w for w in (face_point(gram, a, c0, s) for s in faces) if w is not None]
     return min(candidates, key=lambda w: dual_value(gram, c, w))
 
 
