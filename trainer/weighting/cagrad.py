@@ -26,6 +26,7 @@ from taskfold.trainer.weighting.grads import combined_backward, scale_losses
 from taskfold.trainer.weighting.registry import WEIGHTINGS
 
 
+SINGULAR = 1e-13   # relative eigenvalue below which a face's Gram block counts as singular
 MAX_TASKS = 12     # the exact solver visits every support of the simplex: 2^T - 1 small systems
 
 
@@ -35,32 +36,54 @@ def dual_value(gram: np.ndarray, c: float, w: np.ndarray) -> float:
     return float(w @ gram @ b + c * np.sqrt(max(b @ gram @ b, 0.0)) * np.sqrt(max(w @ gram @ w, 0.0)))
 
 
-def _support_candidates(gram: np.ndarray, a: np.ndarray, c0: float, support: np.ndarray) -> list[np.ndarray]:
-    """Points of the face ``{w >= 0, sum w = 1, w = 0 off support}`` where the dual can be smallest.
+def _face_solution(gram: np.ndarray, a: np.ndarray, c0: float, support: np.ndarray) -> np.ndarray | None:
+    """On the affine hull of the face on ``support`` (``sum w = 1``, ``w = 0`` off it): the
+    stationary point of the dual, negative entries included; None for a singular ``G_S``.
 
-    On the face's relative interior a minimiser is stationary: ``a_S + c0 G_S w / n = mu 1`` with
-    ``n = |g_w|``. For an invertible ``G_S`` this gives ``w = (mu u - v) / s`` with ``u = G_S^-1 1``,
-    ``v = G_S^-1 a_S`` and ``n = c0 / s``; ``w' G_S w = n^2`` turns into a quadratic in mu whose
-    root with ``s > 0`` is ``mu = (q + sqrt(disc)) / p`` (``p = 1'u, q = 1'v, r = a_S'v``,
-    ``disc = q^2 - p (r - c0^2)``, and then ``s = sqrt(disc)``). A singular ``G_S`` contributes only
-    the point of its null space that sums to one: any other minimiser on that face can slide along a
-    null direction (where the dual is constant) to a smaller face.
+    Stationarity is ``a_S + c0 G_S w / n = mu 1`` with ``n = |g_w|``. For an invertible ``G_S``
+    this gives ``w = (mu u - v) / s`` with ``u = G_S^-1 1``, ``v = G_S^-1 a_S`` and ``n = c0 / s``;
+    ``w' G_S w = n^2`` turns into a quadratic in mu whose root with ``s > 0`` is
+    ``mu = (q + sqrt(disc)) / p`` (``p = 1'u, q = 1'v, r = a_S'v``, ``disc = q^2 - p (r - c0^2)``,
+    and then ``s = sqrt(disc)``). ``disc <= 0`` means no stationary point (None as well).
     """
+    w = np.zeros(gram.shape[0])
+    if len(support) == 1:
+        w[support] = 1.0
+        return w
     g, a_s = gram[np.ix_(support, support)], a[support]
     eigvals, eigvecs = np.linalg.eigh(g)
-    if eigvals[0] <= 1e-13 * max(eigvals[-1], 1e-300):
-        null = eigvecs[:, eigvals <= 1e-13 * max(eigvals[-1], 1e-300)]
-        z = null[:, 0] if null.shape[1] == 1 else None
-        return [z / z.sum()] if z is not None and abs(z.sum()) > 1e-12 and (z / z.sum()).min() >= 0 else []
+    if eigvals[0] <= SINGULAR * max(eigvals[-1], 1e-300):
+        return None
     inverse = (eigvecs / eigvals) @ eigvecs.T
     u, v = inverse.sum(axis=1), inverse @ a_s
     p, q, r = u.sum(), v.sum(), a_s @ v
     disc = q * q - p * (r - c0 * c0)
     if disc <= 0:
-        return []
+        return None
     mu = (q + np.sqrt(disc)) / p
-    w = (mu * u - v) / np.sqrt(disc)
-    return [w] if w.min() >= -1e-12 else []
+    w[support] = (mu * u - v) / np.sqrt(disc)
+    return w
+
+
+def face_point(gram: np.ndarray, a: np.ndarray, c0: float, support: np.ndarray) -> np.ndarray | None:
+    """The point of the face on ``support`` where the dual can be smallest, or None.
+
+    A minimiser inside the face is its stationary point (``_face_solution``, kept if it lies in the
+    simplex). A singular ``G_S`` contributes only the point of its null space that sums to one:
+    any other minimiser there can slide along a null direction (where the dual is constant) to a
+    smaller face.
+    """
+    w = _face_solution(gram, a, c0, support)
+    if w is None and len(support) > 1:
+        eigvals, eigvecs = np.linalg.eigh(gram[np.ix_(support, support)])
+        null = eigvecs[:, eigvals <= SINGULAR * max(eigvals[-1], 1e-300)]
+        if null.shape[1] == 1 and abs(null[:, 0].sum()) > 1e-12:
+            w = np.zeros(gram.shape[0])
+            w[support] = null[:, 0] / null[:, 0].sum()
+    if w is None or w.min() < -1e-12:
+        return None
+    w = np.maximum(w, 0.0)
+    return w / w.sum()
 
 
 def _meets_kkt(gram: np.ndarray, a: np.ndarray, c0: float, w: np.ndarray, tol: float = 1e-9) -> bool:
@@ -76,26 +99,17 @@ def _meets_kkt(gram: np.ndarray, a: np.ndarray, c0: float, w: np.ndarray, tol: f
     return bool(np.abs(slope[on] - mu).max() <= slack and (slope[~on] >= mu - slack).all())
 
 
-def face_point(gram: np.ndarray, a: np.ndarray, c0: float, support: np.ndarray) -> np.ndarray | None:
-    """The exact stationary point of the face on ``support`` (zeros elsewhere), or None."""
-    n = gram.shape[0]
-    found = _support_candidates(gram, a, c0, support) if len(support) > 1 else [np.ones(1)]
-    if not found:
-        return None
-    w = np.zeros(n)
-    w[support] = np.maximum(found[0], 0.0)
-    return w / w.sum()
-
-
 def _active_set(gram: np.ndarray, a: np.ndarray, c0: float, c: float) -> np.ndarray | None:
     """The minimiser by a primal active-set walk, or None where the walk meets a degenerate face.
 
     From the best vertex: while the KKT conditions fail, add the index whose gradient is lowest
     and move towards the new face's stationary point, stopping where a weight reaches zero (that
-    index leaves). The value falls at every move, so no face repeats.
+    index leaves, and the walk heads for the smaller face's point). The value falls at every move,
+    so no face repeats.
     """
     n = gram.shape[0]
-    w = np.eye(n)[min(range(n), key=lambda i: dual_value(gram, c, np.eye(n)[i]))]
+    vertices = np.eye(n)
+    w = vertices[min(range(n), key=lambda i: dual_value(gram, c, vertices[i]))]
     for _ in range(4 * n * n):
         if _meets_kkt(gram, a, c0, w):
             return w
@@ -103,22 +117,19 @@ def _active_set(gram: np.ndarray, a: np.ndarray, c0: float, c: float) -> np.ndar
         if norm <= 0:
             return None
         slope = a + c0 * (gram @ w) / norm
-        support = set(np.flatnonzero(w > 0)) | {int(np.argmin(np.where(w > 0, np.inf, slope)))}
+        support = set(np.flatnonzero(w > 0).tolist()) | {int(np.argmin(np.where(w > 0, np.inf, slope)))}
         while True:
-            target = face_point(gram, a, c0, np.array(sorted(support)))
+            target = _face_solution(gram, a, c0, np.array(sorted(support)))
             if target is None:
                 return None
-            if target.min() >= 0 and all(target[i] > 0 for i in support):
+            blocking = [(w[i] / (w[i] - target[i]) if w[i] > 0 else 0.0, i) for i in support if target[i] <= 0]
+            if not blocking:
                 w = target
                 break
-            shrinking = [i for i in support if target[i] < w[i]]
-            step, leaving = min(((w[i] / (w[i] - target[i]), i) for i in shrinking if target[i] <= 0),
-                                default=(1.0, None))
+            step, leaving = min(blocking)
             w = np.maximum(w + step * (target - w), 0.0)
-            w /= w.sum()
-            if leaving is None:
-                break
             w[leaving] = 0.0
+            w /= w.sum()
             support.discard(leaving)
     return None
 
