@@ -43,6 +43,7 @@ def converged_aux_nas(tasks) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tasks", [[SEG, NORMALS], [SEG, NORMALS, DEPTH]], ids=["K=1", "K=2"])
 def test_stripped_bundle_costs_single_task_cost(tasks, tmp_path):
     model = converged_aux_nas(tasks)
@@ -74,6 +75,7 @@ def test_run_of_another_method_is_refused():
 
 
 
+@pytest.mark.slow
 def test_aux_nas_run_compiles_with_force_through_the_cli(tmp_path):
     run = tmp_path / "aux"
     sets = ["data.size=32", "data.train_size=16", "data.val_size=4", "data.test_size=4", "train.epochs=1",
@@ -109,6 +111,7 @@ def test_bad_aux_recipes_exit_2(recipe, fragment, tmp_path):
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_aux_nas_recipe_runs_end_to_end_in_one_command(tmp_path):
     """`taskfold run` on the recipe: search → strip → bundle → bench → report, no --force needed."""
     run = tmp_path / "run"

@@ -128,6 +128,7 @@ def test_bad_lambda_and_too_many_tasks_are_rejected() -> None:
         create_method({"name": "bmtas"}).build(many, backbone_weights=None)
 
 
+@pytest.mark.slow
 def test_bundle_macs_are_tree_nodes_plus_heads_and_onnx_matches(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = build_network(make_spec("bmtas_retrain", tree=TREE)).train()
@@ -191,6 +192,7 @@ def test_alpha_steps_keep_bn_stats_and_each_alpha_phase_resets_them_once() -> No
     assert torch.equal(bn.running_mean, torch.zeros_like(tracked)) and bn.num_batches_tracked == 0
 
 
+@pytest.mark.slow
 def test_tiny_search_retrain_compile(tmp_path: Path) -> None:
     raw = {
         "name": "tiny", "method": {"name": "bmtas", "resource_lambda": 0.5, "retrain": "supergraph",

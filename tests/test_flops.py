@@ -39,6 +39,7 @@ def torchvision_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, t
     return exports
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PUBLISHED_GMACS))
 def test_torchvision_macs_and_params(torchvision_exports: dict[str, tuple[Path, int]], name: str) -> None:
     path, torch_params = torchvision_exports[name]

@@ -119,7 +119,8 @@ class _Net(nn.Module):
         return self.head(self.backbone.forward_features(x))
 
 
-@pytest.mark.parametrize(("backbone", "kind"), [("resnet10", "aspp"), ("vit_tiny_patch16_224", "dpt")])
+@pytest.mark.parametrize(("backbone", "kind"), [
+    ("resnet10", "aspp"), pytest.param("vit_tiny_patch16_224", "dpt", marks=pytest.mark.slow)])
 def test_onnx_export_matches_torch(backbone: str, kind: str, tmp_path: Path) -> None:
     model = _backbone(backbone)
     net = _Net(model, create_head(kind, model.feature_info, 3, channels=16, output_size=(IMG, IMG))).eval()

@@ -49,8 +49,13 @@ def assert_combined(strategy: str, combinations: list[torch.Tensor], steps: int)
         assert combinations == []
 
 
-@pytest.mark.parametrize("method", ["shared", "aux_nas"])
-@pytest.mark.parametrize("strategy", WEIGHTINGS.names())
+FAST_ON_AUX_NAS = ("ew", "cagrad")  # the other strategies on aux_nas run in the slow suite
+
+
+@pytest.mark.parametrize("method, strategy", [
+    pytest.param(method, strategy, id=f"{strategy}-{method}",
+                 marks=[pytest.mark.slow] if method == "aux_nas" and strategy not in FAST_ON_AUX_NAS else [])
+    for method in ("shared", "aux_nas") for strategy in WEIGHTINGS.names()])
 def test_strategy_trains_end_to_end(method, strategy, combinations, tmp_path):
     torch.manual_seed(0)
     cfg = config_from_dict({**TINY, "method": method, "weighting": strategy})

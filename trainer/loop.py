@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from taskfold.models.arch import ArchSpec, TaskHead
+from taskfold.models.backbones import BACKBONES
 from taskfold.trainer.config import Config, ConfigError
 from taskfold.trainer.data import create_dataset
 from taskfold.trainer.data.loader import ARCH, EpochBatches, SplitLoader
@@ -122,6 +123,7 @@ def setup(cfg: Config, run_dir: str | Path) -> RunState:
     """Validate everything that can be wrong before the first step, then build the run."""
     torch.manual_seed(cfg.train.seed)
     method = create_method(cfg.method)
+    BACKBONES.get(cfg.model.backbone)  # a misspelt backbone fails now, not after the datasets are built
     datasets = build_datasets(cfg)
     loaders = build_loaders(cfg, datasets, arch_fraction=method.arch_fraction)
     tasks = build_tasks(cfg, datasets["train"].info)
