@@ -6,10 +6,10 @@ average gradient, ``|d - g0| <= c |g0|``. Its dual is a small problem over the s
     w* = argmin_{w in simplex}  g_w . g0 + c |g0| |g_w|,   g_w = sum_i w_i g_i,
 
 and ``d = g0 + (c |g0| / |g_w*|) g_w*``. Both terms only need the Gram matrix, so the dual is solved
-on a T x T matrix, exactly (every face of the simplex, in float64; at most ``MAX_TASKS`` tasks).
-As in the authors' code, d is divided by ``1 + c^2`` (``rescale``) and multiplied by T so the
-shared part is on the scale of the summed loss the heads are trained on. Default ``c = 0.4``: the value the paper uses on NYUv2 and
-Cityscapes (LibMTL's default is 0.5).
+on a T x T matrix, exactly, in float64 (:func:`solve_dual`; at most ``MAX_TASKS`` tasks). As in the
+authors' code, d is divided by ``1 + c^2`` (``rescale``) and multiplied by T so the shared part is
+on the scale of the summed loss the heads are trained on. Default ``c = 0.4``: the value the paper
+uses on NYUv2 and Cityscapes (LibMTL's default is 0.5).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from taskfold.trainer.weighting.registry import WEIGHTINGS
 
 
 SINGULAR = 1e-13   # relative eigenvalue below which a face's Gram block counts as singular
-MAX_TASKS = 12     # the exact solver visits every support of the simplex: 2^T - 1 small systems
+MAX_TASKS = 12     # solve_dual's fallback visits every face of the simplex: 2^T - 1 small systems
 
 
 def dual_value(gram: np.ndarray, c: float, w: np.ndarray) -> float:
@@ -138,7 +138,7 @@ def solve_dual(gram: np.ndarray, c: float) -> np.ndarray:
     """``argmin_{w in simplex} w . (gram b) + c sqrt(b' gram b) sqrt(w' gram w)``, ``b = 1/T``, exactly.
 
     The dual is convex, so its minimiser is a stationary point on one face of the simplex, where
-    it is found in closed form (``_support_candidates``), and any point meeting the KKT conditions
+    it is found in closed form (``_face_solution``), and any point meeting the KKT conditions
     is it. An active-set walk finds the face in a few steps; where it meets a degenerate face, the
     smallest value over all ``2^T - 1`` faces' points is the answer. (An iterative solver stalls on
     Gram matrices whose entries differ by orders of magnitude, as task gradients often do.)
