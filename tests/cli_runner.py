@@ -22,3 +22,15 @@ def assert_user_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
     assert len(lines) == 1, proc.stderr
     assert fragment in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def assert_main_user_error(capsys, fragment: str, *args: str) -> None:
+    """:func:`assert_user_error`'s contract through ``taskfold.cli.main.main`` in this process:
+    for recipe mistakes, where a subprocess would spend seconds importing torch for each case
+    (the exit code through the real command line is tested in test_user_errors)."""
+    from taskfold.cli.main import main
+
+    capsys.readouterr()
+    assert main(list(args)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], lines

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_runner import run_cli
+from cli_runner import assert_main_user_error, run_cli
 from taskfold.compiler.bundle import write_bundle
 from taskfold.compiler.errors import CompileError
 from taskfold.compiler.strip_aux import strip_aux
@@ -43,6 +43,7 @@ def converged_aux_nas(tasks) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tasks", [[SEG, NORMALS], [SEG, NORMALS, DEPTH]], ids=["K=1", "K=2"])
 def test_stripped_bundle_costs_single_task_cost(tasks, tmp_path):
     model = converged_aux_nas(tasks)
@@ -74,6 +75,7 @@ def test_run_of_another_method_is_refused():
 
 
 
+@pytest.mark.slow
 def test_aux_nas_run_compiles_with_force_through_the_cli(tmp_path):
     run = tmp_path / "aux"
     sets = ["data.size=32", "data.train_size=16", "data.val_size=4", "data.test_size=4", "train.epochs=1",
@@ -101,14 +103,13 @@ def test_aux_nas_run_compiles_with_force_through_the_cli(tmp_path):
     ("tasks: [{name: seg, kind: segmentation}, {name: normals, kind: normals}]\nmethod: aux_nas\n",
      "needs `primary:`"),
 ])
-def test_bad_aux_recipes_exit_2(recipe, fragment, tmp_path):
+def test_bad_aux_recipes_exit_2(recipe, fragment, tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(recipe + "data: {train_size: 8, val_size: 2, test_size: 2, size: 32}\n")
-    proc = run_cli("train", str(path), "-o", str(tmp_path / "run"))
-    assert proc.returncode == 2, proc.stderr
-    assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert_main_user_error(capsys, fragment, "train", str(path), "-o", str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_aux_nas_recipe_runs_end_to_end_in_one_command(tmp_path):
     """`taskfold run` on the recipe: search → strip → bundle → bench → report, no --force needed."""
     run = tmp_path / "run"

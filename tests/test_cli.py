@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from cli_runner import assert_user_error, run_cli
+from cli_runner import assert_main_user_error, assert_user_error, run_cli
 from taskfold.cli.main import main
 
 def test_demo_bundle_matches_pytorch_and_has_no_batchnorm(demo_bundle: Path):
@@ -62,17 +62,17 @@ def test_predict_writes_every_task(demo_bundle: Path, tmp_path: Path):
     assert sorted(out.files) == ["depth", "normals", "seg"] and out["seg"].shape[0] == 2
 
 
-def test_unknown_config_field_exits_2(tmp_path: Path):
+def test_unknown_config_field_exits_2(tmp_path: Path, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("tasks: [{name: seg, kind: segmentation}]\nmodel: {backbon: resnet18}\n")
-    assert_user_error(run_cli("train", str(recipe), "-o", str(tmp_path / "r")), "unknown field 'model.backbon'")
+    assert_main_user_error(capsys, "unknown field 'model.backbon'", "train", str(recipe), "-o", str(tmp_path / "r"))
     assert not (tmp_path / "r").exists()  # nothing written for a config that cannot run
 
 
-def test_unknown_backbone_exits_2(tmp_path: Path):
+def test_unknown_backbone_exits_2(tmp_path: Path, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("tasks: [{name: seg, kind: segmentation}]\nmodel: {backbone: resnet19}\n")
-    assert_user_error(run_cli("train", str(recipe), "-o", str(tmp_path / "r")), "unknown backbone 'resnet19'")
+    assert_main_user_error(capsys, "unknown backbone 'resnet19'", "train", str(recipe), "-o", str(tmp_path / "r"))
 
 
 def test_missing_bundle_file_exits_2(demo_bundle: Path, tmp_path: Path):

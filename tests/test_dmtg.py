@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cli_runner import run_cli
+from cli_runner import assert_main_user_error
 from taskfold.compiler.bundle import write_bundle
 from taskfold.compiler.strip_group import strip_group
 from taskfold.models.arch import ArchSpec, TaskHead
@@ -195,15 +195,13 @@ def test_bad_group_counts(options, fragment):
     ("tasks: [{name: a, kind: segmentation}, {name: b, kind: depth}]\nmethod: {name: dmtg, num_groups: 3}\n",
      "3 groups for only 2 tasks"),
 ])
-def test_bad_dmtg_inputs_exit_2(extra, fragment, tmp_path):
+def test_bad_dmtg_inputs_exit_2(extra, fragment, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     text = extra if "method:" in extra else extra + "method: {name: dmtg, num_groups: 2}\n"
     if "data:" not in text:
         text += "data: {train_size: 8, val_size: 2, test_size: 2, size: 32}\n"
     recipe.write_text(text)
-    proc = run_cli("train", str(recipe), "-o", str(tmp_path / "run"))
-    assert proc.returncode == 2, proc.stderr
-    assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert_main_user_error(capsys, fragment, "train", str(recipe), "-o", str(tmp_path / "run"))
 
 
 def test_report_shows_the_assignment_heatmap(tmp_path):

@@ -39,6 +39,7 @@ def torchvision_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, t
     return exports
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PUBLISHED_GMACS))
 def test_torchvision_macs_and_params(torchvision_exports: dict[str, tuple[Path, int]], name: str) -> None:
     path, torch_params = torchvision_exports[name]
@@ -50,6 +51,7 @@ def test_torchvision_macs_and_params(torchvision_exports: dict[str, tuple[Path, 
     assert not cost.used_onnxruntime_for_shapes
 
 
+@pytest.mark.slow
 def test_resnet50_params_match_torchvision(torchvision_exports: dict[str, tuple[Path, int]]) -> None:
     assert count_onnx(torchvision_exports["resnet50"][0]).params == 25_557_032
 

@@ -179,6 +179,7 @@ def _fresh_folder(bundle: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_guard_refuses_a_harmful_calibration_naming_task_metric_and_figures(demo_run: Path, demo_bundle: Path,
                                                                               tmp_path: Path):
     data = _teacher_data(demo_run, demo_bundle)

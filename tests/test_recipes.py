@@ -1,6 +1,7 @@
-"""Every recipe in configs/ loads, and every paper recipe on an on-disk dataset trains (one epoch of
-a couple of steps, every stage) on a fixture written in that dataset's on-disk format, with only
-its size shrunk, so a recipe cannot rot."""
+"""The shipped recipes: the packaged demo is the same file as ``configs/demo.yaml``; every recipe
+in configs/ loads with a method and weighting strategy that build; and every paper recipe on an
+on-disk dataset trains (one epoch of a couple of steps, every stage) on a fixture written in that
+dataset's on-disk format, with only its size shrunk, so a recipe cannot rot."""
 from __future__ import annotations
 
 import math
@@ -9,9 +10,12 @@ from pathlib import Path
 import pytest
 
 import dataset_fixtures as fixtures
+from taskfold.cli.main import demo_recipe
 from taskfold.trainer.config import load_config
 from taskfold.trainer.loop import train_stages
+from taskfold.trainer.methods import create_method
 from taskfold.trainer.rundir import RunDir
+from taskfold.trainer.weighting import create_weighting
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WRITERS = {"nyuv2": fixtures.write_nyuv2, "cityscapes": fixtures.write_cityscapes, "celeba": fixtures.write_celeba,
@@ -24,9 +28,18 @@ SHRINK = ["data.size=64", "train.epochs=1", "train.batch_size=2", "model.head_ch
 TRAIN_IMAGES = {"celeba": 2}
 
 
-@pytest.mark.parametrize("name", sorted(path.name for path in CONFIGS.glob("*.yaml")))
-def test_every_recipe_loads(name: str):
-    assert load_config(CONFIGS / name).name == Path(name).stem
+def test_packaged_demo_recipe_is_configs_demo():
+    assert demo_recipe().read_bytes() == (CONFIGS / "demo.yaml").read_bytes()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_recipe_loads_and_its_components_build(recipe):
+    cfg = load_config(CONFIGS / recipe)
+    assert cfg.name == Path(recipe).stem
+    create_method(cfg.method)
+    names = [t.name for t in cfg.tasks]
+    create_weighting(cfg.weighting, tasks=names, primary=[cfg.primary] if cfg.primary else names,
+                     task_weights={t.name: t.weight for t in cfg.tasks})
 
 
 def test_every_paper_dataset_has_a_recipe():

@@ -17,6 +17,7 @@ from torch import nn
 
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.weighting import WEIGHTINGS, StepContext, create_weighting
+from taskfold.trainer.weighting.cagrad import MAX_TASKS, dual_value, face_point, solve_dual
 
 torch.set_num_threads(1)
 
@@ -196,6 +197,87 @@ def test_cagrad_three_tasks_dual_is_minimised():
     w = (beta / 3 - 1 / 3) / (beta / 3 - 1 / 3).sum()        # beta = T (1/T + lambda w)
     assert w @ G @ g0 + c0 * np.linalg.norm(w @ G) <= F.min() + 1e-9
     np.testing.assert_allclose(w_grad(toy), beta @ G, rtol=1e-5, atol=1e-6)
+
+
+def gram_of(norms: list[float], seed: int, dim: int = 40) -> np.ndarray:
+    """Gram matrix of random gradients with the given norms (mixed signs, so tasks conflict)."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((len(norms), dim))
+    g = g / np.linalg.norm(g, axis=1, keepdims=True) * np.array(norms)[:, None]
+    return g @ g.T
+
+
+CONDITIONED = {      # norms, dimension; "ill": norms ~1000x apart, the case issue 16 reported
+    "well": ([1.0, 1.3, 0.8, 1.1], 40),
+    "ill": ([12.0, 19.0, 0.011, 0.037], 40),
+    "ill-2d": ([12.0, 19.0, 0.011, 0.037], 2),   # the projected-gradient loop stopped 0.5 % off here
+    "ill-3d": ([12.0, 19.0, 0.011, 0.037], 3),
+    "ill-3": ([20.0, 0.02, 0.015], 40),
+    "rank-3": ([12.0, 19.0, 0.011, 0.037, 5.0, 0.2], 3),   # 6 tasks in 3-D: singular faces
+}
+
+
+@pytest.mark.parametrize("case", list(CONDITIONED))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("c", [0.4, 0.9])
+def test_cagrad_dual_solution_meets_kkt(case, seed, c):
+    # convex problem: w is its minimiser iff the KKT conditions hold (gradient of the dual equal to
+    # mu on the support, >= mu off it), checked on the scale-free Gram matrix to 1e-6
+    norms, dim = CONDITIONED[case]
+    gram = gram_of(norms, seed, dim)
+    gram = gram / (np.trace(gram) / len(gram))
+    w = solve_dual(gram, c)
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0, abs=1e-12)
+    b = np.full(len(gram), 1 / len(gram))
+    slope = gram @ b + c * np.sqrt(b @ gram @ b) * gram @ w / np.sqrt(w @ gram @ w)
+    mu = slope[np.argmax(w)]
+    tol = 1e-6 * np.abs(slope).max()
+    np.testing.assert_allclose(slope[w > 0], mu, atol=tol)
+    assert (slope[w == 0] >= mu - tol).all()
+
+
+@pytest.mark.parametrize("case", ["well", "ill", "ill-2d"])
+def test_cagrad_dual_beats_every_point_of_a_fine_simplex_grid(case):
+    # brute force: no point of a 1/120 grid over the 4-task simplex (~300k points) has a lower value
+    norms, dim = CONDITIONED[case]
+    gram = gram_of(norms, 1, dim)
+    steps = 120
+    grid = np.array([(i, j, k, steps - i - j - k) for i in range(steps + 1) for j in range(steps + 1 - i)
+                     for k in range(steps + 1 - i - j)], dtype=float) / steps
+    b = np.full(4, 0.25)
+    values = grid @ gram @ b + 0.4 * np.sqrt(b @ gram @ b) * np.sqrt(np.einsum("ni,ij,nj->n", grid, gram, grid))
+    exact = dual_value(gram, 0.4, solve_dual(gram, 0.4))
+    assert exact <= values.min() + 1e-9 * abs(values.min())
+    assert values.min() - exact < 1e-2 * (values.max() - values.min())   # and the grid comes close
+
+
+def test_cagrad_dual_handles_a_task_without_gradient_and_collinear_tasks():
+    g = np.array([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0], [-1.0, 0.5]])
+    gram = g @ g.T
+    w = solve_dual(gram, 0.5)
+    grid = [np.array(p) / 20 for p in itertools.product(range(21), repeat=4) if sum(p) == 20]
+    assert dual_value(gram, 0.5, w) <= min(dual_value(gram, 0.5, p) for p in grid) + 1e-12
+
+
+def test_cagrad_active_set_walk_agrees_with_every_face():
+    # the walk against the exhaustive answer (every face's exact point, the smallest value)
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        norms = list(10 ** rng.uniform(-2, 1.5, int(rng.integers(2, 7))))
+        gram = gram_of(norms, int(rng.integers(1000)), int(rng.integers(2, 10)))
+        gram = gram / (np.trace(gram) / len(gram))
+        faces = [np.array(f) for k in range(1, len(gram) + 1) for f in itertools.combinations(range(len(gram)), k)]
+        b = np.full(len(gram), 1 / len(gram))
+        a, c0 = gram @ b, 0.4 * np.sqrt(b @ gram @ b)
+        points = [w for w in (face_point(gram, a, c0, f) for f in faces) if w is not None]
+        best = min(dual_value(gram, 0.4, w) for w in points)
+        assert dual_value(gram, 0.4, solve_dual(gram, 0.4)) <= best + 1e-12 * max(1.0, abs(best))
+
+
+def test_cagrad_refuses_more_tasks_than_the_exact_solver_handles():
+    tasks = [f"t{i}" for i in range(MAX_TASKS + 1)]
+    with pytest.raises(ConfigError, match="at most"):
+        create_weighting({"name": "cagrad"}, tasks=tasks, primary=tasks[:1])
 
 
 # ---------------------------------------------------------------------------------------------- GCS

@@ -11,6 +11,8 @@ from taskfold.trainer.config import ConfigError, config_from_dict
 from taskfold.trainer.loop import setup, train
 from taskfold.trainer.rundir import RunDir
 from taskfold.trainer.weighting import WEIGHTINGS
+from taskfold.trainer.weighting.common import GradientStrategy
+from taskfold.trainer.weighting.grads import SharedPart
 
 TINY = {
     "data": {"size": 32, "train_size": 16, "val_size": 4, "test_size": 4},
@@ -21,15 +23,47 @@ TINY = {
 }
 
 
-@pytest.mark.parametrize("method", ["shared", "aux_nas"])
-@pytest.mark.parametrize("strategy", WEIGHTINGS.names())
-def test_strategy_trains_end_to_end(method, strategy, tmp_path):
+@pytest.fixture
+def combinations(monkeypatch) -> list[torch.Tensor]:
+    """Per weight step of a gradient strategy, each task's gradient norm on the shared part, recorded
+    when the combination ``sum_t beta_t g_t`` replaces the shared gradient (the step is not a plain sum)."""
+    seen: list[torch.Tensor] = []
+    combine = SharedPart.backward
+
+    def recording(self, grads, beta, rest_total):
+        seen.append(grads.detach().norm(dim=1))
+        return combine(self, grads, beta, rest_total)
+
+    monkeypatch.setattr(SharedPart, "backward", recording)
+    return seen
+
+
+def assert_combined(strategy: str, combinations: list[torch.Tensor], steps: int) -> None:
+    """A gradient strategy combined both tasks' gradients at every weight step, and each task's
+    gradient reached the shared part (Aux-NAS's auxiliary one only once its zero-initialised
+    fusion convolutions have moved, hence "at some step")."""
+    if issubclass(WEIGHTINGS.get(strategy), GradientStrategy):
+        assert len(combinations) == steps and all(norms.shape == (2,) for norms in combinations)
+        assert bool((torch.stack(combinations).amax(dim=0) > 0).all())
+    else:
+        assert combinations == []
+
+
+FAST_ON_AUX_NAS = ("ew", "cagrad")  # the other strategies on aux_nas run in the slow suite
+
+
+@pytest.mark.parametrize("method, strategy", [
+    pytest.param(method, strategy, id=f"{strategy}-{method}",
+                 marks=[pytest.mark.slow] if method == "aux_nas" and strategy not in FAST_ON_AUX_NAS else [])
+    for method in ("shared", "aux_nas") for strategy in WEIGHTINGS.names()])
+def test_strategy_trains_end_to_end(method, strategy, combinations, tmp_path):
     torch.manual_seed(0)
     cfg = config_from_dict({**TINY, "method": method, "weighting": strategy})
     summary = train(cfg, tmp_path)
     records = RunDir(tmp_path).read_metrics()
     steps = [r for r in records if r["type"] == "train"]
     assert len(steps) == (2 if method == "aux_nas" else 4)  # aux_nas spends half of each epoch on alpha
+    assert_combined(strategy, combinations, len(steps))
     assert all(math.isfinite(r["loss"]) for r in steps)
     assert set(summary["test"]) == {"seg", "depth"}
     if strategy != "ew":
@@ -61,11 +95,12 @@ def test_strategy_needing_primary_without_one(tmp_path):
     {"name": "bmtas", "resource_lambda": 0.1},
 ], ids=["dmtg", "bmtas"])
 @pytest.mark.parametrize("strategy", ["uw", "pcgrad", "gcs", "ial"])
-def test_strategies_compose_with_searchable_networks(method, strategy, tmp_path):
+def test_strategies_compose_with_searchable_networks(method, strategy, combinations, tmp_path):
     """The searched networks expose their shared stem/blocks, so gradient strategies apply too."""
     torch.manual_seed(0)
     cfg = config_from_dict({**TINY, "method": method, "weighting": strategy})
     summary = train(cfg, tmp_path)
     steps = [r for r in RunDir(tmp_path).read_metrics() if r["type"] == "train"]
+    assert_combined(strategy, combinations, len(steps))
     assert steps and all(math.isfinite(r["loss"]) for r in steps)
     assert set(summary["test"]) == {"seg", "depth"}

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from taskfold.models.arch import ArchSpec, TaskHead
+from taskfold.models.backbones import BACKBONES
 from taskfold.trainer.checkpoint import EpochCursor, cursor_state, rng_state, set_rng_state
 from taskfold.trainer.config import Config, ConfigError, save_config
 from taskfold.trainer.data import create_dataset
@@ -80,7 +81,7 @@ def eval_loader(dataset, *, workers: int | None = None, pin_memory: bool = False
 def build_tasks(cfg: Config, info) -> list:
     tasks = []
     for t in cfg.tasks:
-        tasks.append(create_task(t.name, t.kind, info, **t.options))
+        tasks.append(create_task(t.name, t.kind, info, weight=t.weight, **t.options))
     return tasks
 
 
@@ -125,6 +126,7 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState
     (``resume``: into the existing run directory, whose files are kept; see :func:`resume_point`)."""
     torch.manual_seed(cfg.train.seed)
     method = create_method(cfg.method)
+    BACKBONES.get(cfg.model.backbone)  # a misspelt backbone fails now, not after the datasets are built
     datasets = build_datasets(cfg)
     loaders = build_loaders(cfg, datasets, arch_fraction=method.arch_fraction)
     tasks = build_tasks(cfg, datasets["train"].info)

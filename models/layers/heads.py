@@ -187,10 +187,17 @@ def create_head(
     return head_cls(feature_info, out_channels, channels=channels, output_size=output_size, **options)
 
 
-def default_head(backbone_name: str, output: str) -> str:
-    """The head kind for a task's ``output``: "dense" -> dpt for ViTs, else aspp; "global" -> linear."""
+def default_head(feature_info: Sequence[FeatureInfo], output: str) -> str:
+    """The head kind for a task's ``output``: "global" -> linear; "dense" -> dpt or aspp.
+
+    Chosen from what the backbone's blocks output, not its name: an isotropic backbone (every
+    block at one stride, as a ViT's token blocks) has no coarse-to-fine pyramid for ASPP's last
+    map, so DPT reassembles several of its blocks at different scales; a backbone whose stride
+    grows (a CNN, dilated or not) gets ASPP on its last, most semantic map.
+    """
     if output == "global":
         return "linear"
     if output == "dense":
-        return "dpt" if backbone_name.startswith("vit") else "aspp"
+        isotropic = len({f.reduction for f in feature_info}) == 1
+        return "dpt" if isotropic else "aspp"
     raise ModelError(f"unknown task output {output!r} (expected 'dense' or 'global')")

@@ -1,6 +1,6 @@
 """Aux-G (fixed primary → auxiliary links) and Aux-NAS (searched links in both directions).
 
-Aux-NAS objective: ``L_P + sum_k L_Ak + lambda(t) * ||alpha^P||_1``. alpha and the weights are
+Aux-NAS objective: ``w_P L_P + sum_k w_Ak L_Ak + lambda(t) * ||alpha^P||_1`` (``tasks[].weight``). alpha and the weights are
 updated alternately on two non-overlapping halves of each epoch's training data (the loop
 re-splits every epoch), with separate optimisers: the loop's for the weights, Adam for alpha
 here. ``lambda`` follows the paper (linear 0 → lambda_max over training, lambda_max = 100) or the
@@ -19,7 +19,7 @@ from taskfold.models.nets import build_network
 from taskfold.models.nets.aux import AuxNet
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.methods.base import METHODS, Progress
-from taskfold.trainer.methods.plain import per_task_losses
+from taskfold.trainer.methods.plain import per_task_losses, weighted_total
 from taskfold.trainer.rundir import WEIGHTS, RunDir
 
 LAMBDA_MAX = {"paper": 100.0, "reference": 1000.0}
@@ -120,7 +120,7 @@ class AuxMethod:
     def arch_step(self, model: AuxNet, images, targets, tasks, progress: Progress) -> dict[str, float]:
         lam = lambda_at(self.options.lambda_schedule, self.lambda_max, progress.fraction)
         losses = per_task_losses(model(images), targets, tasks)
-        total = sum(losses.values()) + lam * model.alpha_values("P").sum()
+        total = weighted_total(losses, tasks) + lam * model.alpha_values("P").sum()
         params = model.arch_parameters()
         grads = torch.autograd.grad(total, params)
         for p, g in zip(params, grads):

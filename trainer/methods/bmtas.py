@@ -7,7 +7,7 @@ Search schedule on the one training loop (progress = fraction of all weight step
   only), alpha frozen; architecture batches that fall in it are skipped;
 - then every architecture batch (``arch_fraction`` of each epoch's data, interleaved with the
   weight steps by the loop) makes one alpha step with Adam (``alpha_lr``,
-  ``alpha_weight_decay``) on ``sum_t L_t + resource_lambda * E[MAdds] / M_shared``, where
+  ``alpha_weight_decay``) on ``sum_t w_t L_t + resource_lambda * E[MAdds] / M_shared``, where
   ``E[MAdds]`` is the resource loss of :mod:`taskfold.models.bmtas_resource` on the block
   look-up table and ``M_shared = sum_l c_l`` (one encoder's MAdds): the resource term is in
   "encoders", between 1 (fully shared) and T (separate), so lambda does not depend on the
@@ -30,9 +30,12 @@ task at 0.49 / 0.49 between two copies and the per-task argmax splitting on nois
 state each epoch gives the tie-breaking direction full-size steps again.
 
 BatchNorm around alpha steps: the step uses batch statistics and leaves running statistics
-untouched (tracking off); afterwards every running statistic is reset, so the weight steps that
-follow re-estimate them for the new routing distribution (the supergraph's BNs use a cumulative
-average, see BranchNet). The weight optimiser's state (momentum) is reset after every
+untouched (tracking off). Every running statistic is reset once per alpha phase (at the start of
+each searching epoch, and when warm-up ends), so the weight steps of the phase re-estimate them
+over the whole phase for the routing distribution alpha moves through (the supergraph's BNs use
+a cumulative average, see BranchNet). Resetting after every alpha step would leave evaluation,
+and a ``retrain: supergraph`` start, with statistics from the handful of batches since the last
+alpha step. The weight optimiser's state (momentum) is reset after every
 *architecture change*: the end of warm-up, and every alpha step that changes the derived
 (argmax) tree, i.e. whenever the network that the weights are being fitted for changes.
 """
@@ -53,7 +56,7 @@ from taskfold.models.nets.branched import BranchedNet, node_key
 from taskfold.models.nets.tree import TreeError, tree_macs
 from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
-from taskfold.trainer.methods.plain import Stateless, load_weights_into, per_task_losses
+from taskfold.trainer.methods.plain import Stateless, load_weights_into, per_task_losses, weighted_total
 from taskfold.trainer.rundir import WEIGHTS, RunDir
 from taskfold.trainer import bmtas_report  # noqa: F401  (registers the report section)
 
@@ -150,7 +153,10 @@ class BMTASSearch:
         model.tau = o.tau_start + (o.tau_end - o.tau_start) * min(1.0, max(0.0, search))
 
     def start_epoch(self, model: BranchNet, progress: Progress) -> dict[str, float]:
+        was_warmup = model.warmup
         self._sync(model, progress)
+        if not was_warmup and not model.warmup:   # a new alpha phase (_sync resets as warm-up ends)
+            reset_bn_stats(model)
         if self.options.reset_alpha_optimizer and self.alpha_optimizer is not None:
             self.alpha_optimizer.state.clear()
         return {"tau": model.tau, "warmup": float(model.warmup), "arch_changes": float(self.arch_changes)}
@@ -173,12 +179,11 @@ class BMTASSearch:
         finally:
             set_bn_stat_tracking(model, True)
         resource = self.resource(model)
-        total = sum(losses.values()) + self.options.resource_lambda * resource / sum(model.block_macs)
+        total = weighted_total(losses, tasks) + self.options.resource_lambda * resource / sum(model.block_macs)
         (grad,) = torch.autograd.grad(total, [model.alpha])
         model.alpha.grad = grad
         self.alpha_optimizer.step()
         self.alpha_optimizer.zero_grad(set_to_none=True)
-        reset_bn_stats(model)
         routing = model.routing()
         if routing != self._routing:
             if self._routing is not None:

@@ -25,6 +25,12 @@ def per_task_losses(outputs: dict, targets: dict, tasks: list) -> dict[str, torc
     return {t.name: t.loss(outputs[t.name], targets[t.target]) for t in tasks}
 
 
+def weighted_total(losses: dict[str, torch.Tensor], tasks: list) -> torch.Tensor:
+    """``sum_t w_t L_t`` with the recipe's ``tasks[].weight``: what an architecture step minimises,
+    the same per-task scaling the weight steps get from their weighting strategy."""
+    return sum(t.weight * losses[t.name] for t in tasks)
+
+
 def load_weights_into(field: str, path: str | Path, load: Callable[[dict[str, torch.Tensor]], object]) -> None:
     """``load(state)`` with the safetensors weights at ``path`` (a method's ``init_*`` option); a
     missing file, or weights that do not fit the network, is a ConfigError naming ``field``."""

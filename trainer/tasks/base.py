@@ -43,6 +43,7 @@ class Task(ABC):
     """
 
     kind: str = ""
+    weight: float = 1.0      # the recipe's fixed loss weight (``tasks[].weight``), set by create_task
 
     def __init__(self, name: str, target: str, *, output: str, out_channels: int,
                  metrics: dict[str, bool], main_metric: str) -> None:
@@ -74,8 +75,12 @@ class Task(ABC):
                 f"out_channels={self.out_channels})")
 
 
-def create_task(name: str, kind: str, dataset_info: DatasetInfo, **options) -> Task:
+def create_task(name: str, kind: str, dataset_info: DatasetInfo, *, weight: float = 1.0, **options) -> Task:
     """Build the task ``name`` of ``kind`` for a dataset; options are validated here.
+
+    ``weight`` is the recipe's fixed factor on this task's loss: weighting strategies apply it to
+    the weight steps (``scale_losses``) and search methods to the architecture steps
+    (``weighted_total``), so both optimise the same objective.
 
     ``target`` (the dataset's label key) defaults to the kind, so ``{name: seg, kind:
     segmentation}`` reads the ``segmentation`` label. Bad options and labels the dataset does not
@@ -87,7 +92,9 @@ def create_task(name: str, kind: str, dataset_info: DatasetInfo, **options) -> T
     if target not in dataset_info.labels:
         have = ", ".join(sorted(dataset_info.labels)) or "none"
         raise ConfigError(f"task {name!r}: dataset has no label {target!r} (it has: {have})")
-    return cls(name, target, dataset_info.labels[target], opts)
+    task = cls(name, target, dataset_info.labels[target], opts)
+    task.weight = weight
+    return task
 
 
 # ----------------------------------------------------------------------------------------------
