@@ -7,6 +7,8 @@ goes through the Method contract; nothing here knows about a particular method.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,9 +19,11 @@ from torch import nn
 from tqdm import tqdm
 
 from taskfold.models.arch import ArchSpec, TaskHead
+from taskfold.trainer.amp import MixedPrecision
 from taskfold.trainer.config import Config, ConfigError
 from taskfold.trainer.data import create_dataset
 from taskfold.trainer.data.loader import ARCH, EpochBatches, SplitLoader
+from taskfold.trainer.device import describe, move_parameters, resolve_device, to_device
 from taskfold.trainer.methods import Method, Progress, create_method
 from taskfold.trainer.report import baseline_results
 from taskfold.trainer.rundir import RunDir
@@ -43,6 +47,12 @@ class RunState:
     optimizer: torch.optim.Optimizer
     weighting: object
     history: list[dict] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: MixedPrecision = field(default_factory=lambda: MixedPrecision("none", torch.device("cpu")))
+
+    def to_device(self, images: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
+        """A batch from a loader, on the run's device and in the network's memory format."""
+        return to_device(images, targets, self.device, self.cfg.train.channels_last)
 
 
 def build_datasets(cfg: Config) -> dict:
@@ -120,10 +130,11 @@ def create_optimizer(name: str, params: list[dict], *, lr: float, weight_decay: 
 
 def setup(cfg: Config, run_dir: str | Path) -> RunState:
     """Validate everything that can be wrong before the first step, then build the run."""
+    device = resolve_device(cfg.train.device)  # CUDA asked for where there is none: refused before any work
     torch.manual_seed(cfg.train.seed)
     method = create_method(cfg.method)
     datasets = build_datasets(cfg)
-    loaders = build_loaders(cfg, datasets, arch_fraction=method.arch_fraction)
+    loaders = build_loaders(cfg, datasets, arch_fraction=method.arch_fraction, pin_memory=device.type == "cuda")
     tasks = build_tasks(cfg, datasets["train"].info)
     spec = build_spec(cfg, tasks)
     weighting = create_weighting(cfg.weighting, tasks=spec.task_names,
@@ -132,6 +143,12 @@ def setup(cfg: Config, run_dir: str | Path) -> RunState:
     if cfg.report.baseline is not None:  # refuse now rather than after training
         baseline_results(cfg.report.baseline, spec.task_names)
     model = method.build(spec, backbone_weights=cfg.model.weights)
+    model.to(device)  # in place: the parameters a method's own optimiser holds (alpha) move with it
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    move_parameters(weighting.parameters(), device)
+    precision = MixedPrecision(cfg.train.amp, device)
+    precision.attach(model)
     groups = method.param_groups(model)
     if weighting.parameters():
         groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0})  # sigmas, GradNorm weights
@@ -140,25 +157,34 @@ def setup(cfg: Config, run_dir: str | Path) -> RunState:
         method.attach_optimizer(optimizer)
     run = RunDir(run_dir)
     run.create(cfg)
+    run.run_info_path.write_text(json.dumps({**describe(device), "amp": cfg.train.amp,
+                                             "channels_last": cfg.train.channels_last}, indent=2) + "\n")
     spec.save(run.arch_path)
-    return RunState(cfg, run, spec, method, model, tasks, datasets, loaders, optimizer, weighting)
+    return RunState(cfg, run, spec, method, model, tasks, datasets, loaders, optimizer, weighting,
+                    device=device, precision=precision)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: SplitLoader, tasks: list) -> dict[str, dict[str, float]]:
-    """Each task's metrics over a whole split, plus its mean ``loss`` (NormGain_L needs it)."""
+def evaluate(model: nn.Module, data: SplitLoader, tasks: list, state: RunState | None = None) -> dict[str, dict[str, float]]:
+    """Each task's metrics over a whole split, plus its mean ``loss`` (NormGain_L needs it).
+
+    ``state``: a training run's (its device, memory format and autocast); without one the batches
+    are used as the loader gives them (the compiler scores an ONNX network this way)."""
     was_training = model.training
     model.eval()
     meters = {t.name: t.new_meter() for t in tasks}
-    loss_sums = {t.name: 0.0 for t in tasks}
+    loss_sums: dict = {t.name: 0.0 for t in tasks}  # float64 tensors on the device once a batch is in
     dataset = data.dataset
     for _, images, targets in data.epoch(0):
-        outputs = model(images)
+        if state is not None:
+            images, targets = state.to_device(images, targets)
+        with state.precision.autocast() if state is not None else contextlib.nullcontext():
+            outputs = model(images)
         for t in tasks:
             meters[t.name].update(outputs[t.name], targets[t.target])
-            loss_sums[t.name] += float(t.loss(outputs[t.name], targets[t.target])) * len(images)
+            loss_sums[t.name] += t.loss(outputs[t.name], targets[t.target]).detach().double() * len(images)
     model.train(was_training)
-    return {name: {**meter.compute(), "loss": loss_sums[name] / len(dataset)} for name, meter in meters.items()}
+    return {name: {**meter.compute(), "loss": float(loss_sums[name]) / len(dataset)} for name, meter in meters.items()}
 
 
 def _train_epoch(state: RunState, epoch: int, step: int, total_steps: int) -> int:
@@ -167,48 +193,54 @@ def _train_epoch(state: RunState, epoch: int, step: int, total_steps: int) -> in
     progress = Progress(epoch, cfg.train.epochs, step, total_steps)
     state.run.log({"type": "schedule", "epoch": epoch, **method.start_epoch(model, progress)})
     n_weight = train.batches.weight_batches
-    sums: dict[str, float] = {}
+    names = [t.name for t in state.tasks]
+    # Running loss sums stay on the device (float64, added in step order as Python floats would
+    # be): the host reads them once per log interval, not once per step.
+    sums: torch.Tensor | float = 0.0
     count = 0
-    epoch_sums: dict[str, float] = {}
+    epoch_sums: torch.Tensor | float = 0.0
     arch_logs: dict[str, float] = {}
     bar = tqdm(total=n_weight, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                disable=not cfg.train.progress, leave=False)
     model.train()
     i = -1
+    precision = state.precision
     for kind, images, targets in train.epoch(epoch):
+        images, targets = state.to_device(images, targets)
         progress = Progress(epoch, cfg.train.epochs, step, total_steps)
         if kind == ARCH:
-            arch_logs = method.arch_step(model, images, targets, state.tasks, progress)
+            with precision.arch_autocast():
+                arch_logs = method.arch_step(model, images, targets, state.tasks, progress)
             continue
         i += 1
         bar.update()
-        outputs = model(images)
-        losses = method.task_losses(model, outputs, targets, state.tasks)
+        with precision.autocast():
+            outputs = model(images)
+            losses = method.task_losses(model, outputs, targets, state.tasks)
         ctx = StepContext(
             shared_params=list(model.shared_parameters()) if hasattr(model, "shared_parameters") else [],
             shared_features=list(getattr(model, "shared_features", [])),
             primary=state.spec.primary,
             auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary],
-            epoch=epoch, step=step,
+            epoch=epoch, step=step, loss_scale=precision.loss_scale(),
         )
         state.optimizer.zero_grad(set_to_none=True)
         weight_logs = state.weighting.backward(losses, ctx)
-        state.optimizer.step()
-        for name, loss in losses.items():
-            value = float(loss.detach())
-            sums[name] = sums.get(name, 0.0) + value
-            epoch_sums[name] = epoch_sums.get(name, 0.0) + value
+        precision.step(state.optimizer)
+        values = torch.stack([losses[name].detach() for name in names]).double()
+        sums = sums + values
+        epoch_sums = epoch_sums + values
         step += 1
         count += 1
         if step % cfg.train.log_every == 0 or i == n_weight - 1:
-            mean = {k: v / count for k, v in sums.items()}
+            mean = {name: v / count for name, v in zip(names, sums.tolist())}
             bar.set_postfix(loss=f"{sum(mean.values()):.3f}")
             state.run.log({"type": "train", "epoch": epoch, "step": step, "loss": sum(mean.values()),
                            "losses": mean, **_prefixed("weighting", weight_logs), **_prefixed("arch", arch_logs)})
-            sums, count = {}, 0
+            sums, count = 0.0, 0
         arch_logs = {}
     bar.close()
-    state.weighting.end_epoch({k: v / n_weight for k, v in epoch_sums.items()})
+    state.weighting.end_epoch({name: v / n_weight for name, v in zip(names, epoch_sums.tolist())})
     return step
 
 
@@ -225,7 +257,7 @@ def fit(state: RunState) -> None:
         step = _train_epoch(state, epoch, step, total)
         record = {"type": "epoch", "epoch": epoch, "step": step, "seconds": time.perf_counter() - start}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
-            record["val"] = evaluate(state.model, state.loaders["val"], state.tasks)
+            record["val"] = evaluate(state.model, state.loaders["val"], state.tasks, state)
         state.run.log(record)
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs - 1:
             state.run.save_checkpoint(state.model, {"weights": state.optimizer})
@@ -233,7 +265,7 @@ def fit(state: RunState) -> None:
 
 def finish(state: RunState) -> dict:
     """Test metrics, the method's read-off into arch.json; returns a summary."""
-    test = evaluate(state.model, state.loaders["test"], state.tasks)
+    test = evaluate(state.model, state.loaders["test"], state.tasks, state)
     state.spec.decision = state.method.read_off(state.model)
     state.spec.save(state.run.arch_path)
     state.run.log({"type": "test", "test": test})

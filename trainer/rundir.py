@@ -1,4 +1,4 @@
-"""The run directory contract: config.yaml, arch.json, checkpoints/, metrics.jsonl, report.md.
+"""The run directory contract: config.yaml, run_info.json, arch.json, checkpoints/, metrics.jsonl, report.md.
 
 Checkpoints are written to a temporary name and renamed into place, so an interrupted run never
 leaves a half-written file where a reader (the compiler, a resumed run) expects a whole one.
@@ -38,6 +38,11 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def run_info_path(self) -> Path:
+        """Where the run trained: the resolved device (and its name on CUDA), amp, channels_last, torch."""
+        return self.path / "run_info.json"
 
     @property
     def metrics_path(self) -> Path:
@@ -120,7 +125,7 @@ class RunDir:
     def save_checkpoint(self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], tag: str = "last") -> None:
         folder = self.checkpoints / tag
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         _atomic(folder / WEIGHTS, lambda p: save_file(state, str(p)))
         opt_state = {name: opt.state_dict() for name, opt in optimizers.items()}
         _atomic(folder / OPTIMIZER, lambda p: torch.save(opt_state, p))
