@@ -187,6 +187,28 @@ def evaluate(model: nn.Module, data: SplitLoader, tasks: list, state: RunState |
     return {name: {**meter.compute(), "loss": float(loss_sums[name]) / len(dataset)} for name, meter in meters.items()}
 
 
+def weight_step(state: RunState, images: torch.Tensor, targets: dict, epoch: int, step: int
+                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One weight update on a batch already on the device: forward (in autocast), the method's
+    task losses, the strategy's backward, the optimiser step. Returns the losses and the
+    strategy's values to log."""
+    model, precision = state.model, state.precision
+    with precision.autocast():
+        outputs = model(images)
+        losses = state.method.task_losses(model, outputs, targets, state.tasks)
+    ctx = StepContext(
+        shared_params=list(model.shared_parameters()) if hasattr(model, "shared_parameters") else [],
+        shared_features=list(getattr(model, "shared_features", [])),
+        primary=state.spec.primary,
+        auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary],
+        epoch=epoch, step=step, loss_scale=precision.loss_scale(),
+    )
+    state.optimizer.zero_grad(set_to_none=True)
+    weight_logs = state.weighting.backward(losses, ctx)
+    precision.step(state.optimizer)
+    return losses, weight_logs
+
+
 def _train_epoch(state: RunState, epoch: int, step: int, total_steps: int) -> int:
     cfg, model, method = state.cfg, state.model, state.method
     train = state.loaders["train"]
@@ -214,19 +236,7 @@ def _train_epoch(state: RunState, epoch: int, step: int, total_steps: int) -> in
             continue
         i += 1
         bar.update()
-        with precision.autocast():
-            outputs = model(images)
-            losses = method.task_losses(model, outputs, targets, state.tasks)
-        ctx = StepContext(
-            shared_params=list(model.shared_parameters()) if hasattr(model, "shared_parameters") else [],
-            shared_features=list(getattr(model, "shared_features", [])),
-            primary=state.spec.primary,
-            auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary],
-            epoch=epoch, step=step, loss_scale=precision.loss_scale(),
-        )
-        state.optimizer.zero_grad(set_to_none=True)
-        weight_logs = state.weighting.backward(losses, ctx)
-        precision.step(state.optimizer)
+        losses, weight_logs = weight_step(state, images, targets, epoch, step)
         values = torch.stack([losses[name].detach() for name in names]).double()
         sums = sums + values
         epoch_sums = epoch_sums + values
