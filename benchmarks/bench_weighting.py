@@ -41,8 +41,8 @@ def accuracy(args) -> None:
 def overhead(args) -> None:
     from taskfold.trainer.data.loader import load_batch
     from taskfold.trainer.config import load_config
-    from taskfold.trainer.loop import setup
-    from taskfold.trainer.weighting import WEIGHTINGS, StepContext
+    from taskfold.trainer.loop import setup, weight_step
+    from taskfold.trainer.weighting import WEIGHTINGS
 
     torch.set_num_threads(args.threads)
     steps = {}
@@ -50,18 +50,10 @@ def overhead(args) -> None:
         cfg = load_config(RECIPE["shared"], [f"weighting.name={strategy}", "data.train_size=32", "data.val_size=4",
                                              "data.test_size=4", "train.progress=false"])
         state = setup(cfg, Path(args.out) / f"overhead_{strategy}")
-        images, targets = load_batch(state.datasets["train"], range(args.batch))
+        images, targets = state.to_device(*load_batch(state.datasets["train"], range(args.batch)))
 
         def step(state=state, images=images, targets=targets):
-            outputs = state.model(images)
-            losses = state.method.task_losses(state.model, outputs, targets, state.tasks)
-            ctx = StepContext(shared_params=state.model.shared_parameters(),
-                              shared_features=state.model.shared_features,
-                              primary=state.spec.primary,
-                              auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary])
-            state.optimizer.zero_grad(set_to_none=True)
-            state.weighting.backward(losses, ctx)
-            state.optimizer.step()
+            weight_step(state, images, targets, 0, 0)
 
         steps[strategy] = step
     med = paired_medians(steps, rounds=args.rounds, per_round=1, warmup=2)
