@@ -203,3 +203,19 @@ def test_channels_last_same_loss_and_nhwc_weights(tmp_path):
         assert images.is_contiguous(memory_format=torch.channels_last) == layout
         losses[layout] = [float(sum(weight_step(state, images, targets, 0, s)[0].values()).detach()) for s in range(2)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# On a CUDA machine (`make test-gpu`): every method a few steps in bf16 and fp16 on the GPU.
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA is not None, reason=f"training on CUDA needs a CUDA device: {NO_CUDA}")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("method", METHODS.names())
+def test_cuda_every_method_trains_in_mixed_precision(method, amp, tmp_path):
+    totals, state, _ = _train_on_fixed_batch(tiny(method, "gradnorm", amp=amp, device="cuda"), tmp_path)
+    assert state.device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in [*state.model.parameters(), *state.weighting.parameters()])
+    assert all(torch.isfinite(torch.tensor(totals))), totals
+    assert json.loads(state.run.run_info_path.read_text())["device"].startswith("cuda")
