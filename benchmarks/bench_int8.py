@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,27 +32,13 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import paired_samples  # noqa: E402
+from common import cpu_line, paired_samples  # noqa: E402
 
 from taskfold.compiler.compile_run import compile_run, held_out_images, precision_data  # noqa: E402
 from taskfold.compiler.int8 import SCHEMES, count_fused_convs, quantize_int8  # noqa: E402
 from taskfold.compiler.int8_saturation import check_saturation  # noqa: E402
 from taskfold.runtime import load  # noqa: E402
 from taskfold.trainer.rundir import RunDir  # noqa: E402
-
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_line() -> str:
-    """``lscpu``'s model name and the SIMD flags that decide the INT8 scheme."""
-    fields = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-                  .splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    present = [f for f in SIMD_FLAGS if f in flags]
-    absent = [f for f in SIMD_FLAGS if f not in flags]
-    return (f"CPU: {fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs; "
-            f"flags: {' '.join(present)} (no {' '.join(absent)})")
-
 
 def ratio_row(fp32, int8, images: np.ndarray, rounds: int, per_round: int) -> tuple[float, float, float, float]:
     """(median fp32 ms, median int8 ms, median of per-round int8/fp32 ratios, max-min of those ratios)."""

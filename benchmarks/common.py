@@ -7,6 +7,7 @@ their medians, never an absolute number on its own.
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 from typing import Callable
 
@@ -82,3 +83,17 @@ def mean_std(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_line() -> str:
+    """``lscpu``'s model name and the SIMD flags that decide the INT8 scheme."""
+    fields = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+                  .splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    present = [f for f in SIMD_FLAGS if f in flags]
+    absent = [f for f in SIMD_FLAGS if f not in flags]
+    return (f"CPU: {fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs; "
+            f"flags: {' '.join(present)} (no {' '.join(absent)})")

@@ -10,8 +10,8 @@ import torch
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.data import DATASETS, create_dataset
 from taskfold.trainer.data.loader import load_batch
-from taskfold.trainer.data.render import (BOX, CYLINDER, EMPTY_SLOT, FLOOR, SPHERE, WALL, Scenes, camera_rays,
-                                          camera_to_world, render)
+from taskfold.trainer.data.render import (BOX, CYLINDER, EMPTY_SLOT, FLOOR, SPHERE, WALL, Scenes,
+                                          camera_rays, camera_to_world, chunk_scenes, render)
 from taskfold.trainer.data.synthscenes import MEAN, STD, SynthScenes, render_split, sample_scenes
 
 torch.set_num_threads(1)
@@ -240,6 +240,20 @@ def test_same_seed_same_data_other_split_or_seed_other_scenes():
     # Scene i does not depend on how many scenes the split holds.
     longer = render_split("train", 24, 24, 9, 5, **OPTIONS)
     np.testing.assert_array_equal(longer["image"][:6], first["image"])
+
+
+def test_a_split_rendered_in_chunks_equals_its_scenes_rendered_one_by_one():
+    """render() fills the split chunk by chunk (edges included); every scene must come out as if
+    rendered alone, also across a chunk boundary."""
+    step = chunk_scenes(12, 16)
+    n = step + 3
+    seeds = [np.random.SeedSequence([5, 0, i]) for i in range(n)]
+    scenes = sample_scenes(seeds, min_objects=2, max_objects=5)
+    whole = render(scenes, 12, 16)
+    for i in (0, step - 1, step, n - 1):
+        alone = render(scenes.subset(slice(i, i + 1)), 12, 16)
+        for key, value in alone.items():
+            np.testing.assert_array_equal(whole[key][i], value[0], err_msg=f"{key} of scene {i}")
 
 
 def test_cache_round_trip_gives_identical_arrays(tmp_path):
