@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,31 +22,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import paired_samples, train_recipe  # noqa: E402
+from common import cpu_line, paired_samples, train_recipe  # noqa: E402
 
 DEMO = "cli/recipes/demo.yaml"
 CANDIDATES = {"fp32": [], "bf16": ["train.amp=bf16"], "fp16": ["train.amp=fp16"],
               "fp32+channels_last": ["train.channels_last=true"]}
-FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_bf16", "amx_tile")
-
-
-def cpu_description() -> str:
-    """``lscpu``'s model name and which of the flags that matter for bf16/fp16 it has."""
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    have = [f for f in FLAGS if f in flags]
-    missing = [f for f in FLAGS if f not in flags]
-    return (f"CPU: {fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs; "
-            f"flags: {' '.join(have) or 'none of ' + ', '.join(FLAGS)}; missing: {' '.join(missing) or '-'}")
-
-
 def step(args) -> None:
     from taskfold.trainer.config import load_config
     from taskfold.trainer.data.loader import load_batch
     from taskfold.trainer.loop import setup, weight_step
 
-    print(cpu_description())
+    print(cpu_line())
     small = ["data.train_size=64", "data.val_size=4", "data.test_size=4", "train.progress=false",
              f"train.batch_size={args.batch}"]
     for threads in args.threads:
@@ -72,7 +57,7 @@ def step(args) -> None:
 
 
 def metric(args) -> None:
-    print(cpu_description())
+    print(cpu_line())
     results = {}
     for amp in ("none", "bf16"):
         summary = train_recipe(DEMO, [*args.set, f"train.amp={amp}"], Path(args.out) / amp)

@@ -85,11 +85,12 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16",
+              "avx512_fp16", "amx_bf16")
 
 
 def cpu_line() -> str:
-    """``lscpu``'s model name and the SIMD flags that decide the INT8 scheme."""
+    """``lscpu``'s model name and the SIMD flags that decide the INT8 scheme and native bf16/fp16."""
     fields = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
                   .splitlines() if ":" in line)
     flags = set(fields.get("Flags", "").split())
