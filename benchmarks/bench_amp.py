@@ -22,15 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_line, paired_samples, train_recipe  # noqa: E402
+from common import cpu_line, fixed_batch_step, paired_samples, train_recipe  # noqa: E402
 
 DEMO = "cli/recipes/demo.yaml"
 CANDIDATES = {"fp32": [], "bf16": ["train.amp=bf16"], "fp16": ["train.amp=fp16"],
               "fp32+channels_last": ["train.channels_last=true"]}
 def step(args) -> None:
     from taskfold.trainer.config import load_config
-    from taskfold.trainer.data.loader import load_batch
-    from taskfold.trainer.loop import setup, weight_step
 
     print(cpu_line())
     small = ["data.train_size=64", "data.val_size=4", "data.test_size=4", "train.progress=false",
@@ -39,13 +37,8 @@ def step(args) -> None:
         torch.set_num_threads(threads)
         steps = {}
         for name, overrides in CANDIDATES.items():
-            state = setup(load_config(DEMO, small + overrides), Path(tempfile.mkdtemp()) / name)
-            images, targets = state.to_device(*load_batch(state.datasets["train"], range(args.batch)))
-
-            def one(state=state, images=images, targets=targets):
-                weight_step(state, images, targets, 0, 0)
-
-            steps[name] = one
+            steps[name] = fixed_batch_step(load_config(DEMO, small + overrides), Path(tempfile.mkdtemp()) / name,
+                                           args.batch)
         samples = paired_samples(steps, rounds=args.rounds, per_round=1, warmup=2)
         print(f"\none weight step, demo network, batch {args.batch}, {threads} thread(s), {args.rounds} rounds")
         base = samples["fp32"]

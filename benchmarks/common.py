@@ -38,6 +38,17 @@ def paired_medians(candidates: dict[str, Callable[[], object]], *, rounds: int =
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def fixed_batch_step(cfg, run_dir, batch: int) -> Callable[[], object]:
+    """One weight step (``loop.weight_step``: forward, losses, the strategy's backward, the
+    optimiser) of the run ``cfg`` sets up in ``run_dir``, on its first ``batch`` training samples."""
+    from taskfold.trainer.data.loader import load_batch
+    from taskfold.trainer.loop import setup, weight_step
+
+    state = setup(cfg, run_dir)
+    images, targets = state.to_device(*load_batch(state.datasets["train"], range(batch)))
+    return lambda: weight_step(state, images, targets, 0, 0)
+
+
 def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
     """Best FP32 matrix-multiply throughput of this machine through PyTorch (GFLOP/s, 2·n³ flops)."""
     import torch
