@@ -21,6 +21,7 @@ USER_ERRORS = {
     "taskfold.runtime.errors": ("BundleError", "InputError", "BackendUnavailable"),
     "taskfold.trainer.config": ("ConfigError",),
     "taskfold.trainer.runlock": ("RunInUse",),
+    "taskfold.trainer.loop": ("NonFiniteLoss",),
     "taskfold.models.errors": ("ModelError",),
     "taskfold.models.registry": ("UnknownNameError",),
     "taskfold.compiler.errors": ("CompileError",),
@@ -47,10 +48,23 @@ def _run_dir(cfg, out: str | None) -> Path:
     return Path(out) if out else Path("runs") / cfg.name
 
 
+def _resume_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` of a resumed run (plus --quiet/--json as train.progress=false); refuses what
+    --resume cannot be combined with."""
+    from taskfold.trainer.config import ConfigError
+
+    for given, flag in ((args.config, "a CONFIG"), (args.output, "-o"), (args.overwrite, "--overwrite")):
+        if given:
+            raise ConfigError(f"--resume continues RUN_DIR with its own config: {flag} cannot be given with it")
+    return [*args.set, *(["train.progress=false"] if args.json or args.quiet else [])]
+
+
 def cmd_run(args: argparse.Namespace) -> dict:
     from taskfold.cli.pipeline import run_pipeline
     from taskfold.trainer.run_target import new_run_dir
 
+    if args.resume:
+        return run_pipeline(None, Path(args.resume), resume=_resume_overrides(args))
     cfg = _load_config(args.config, args.set)
     _apply_quiet(cfg, args)
     with new_run_dir(_run_dir(cfg, args.output), overwrite=args.overwrite) as target:
@@ -59,8 +73,16 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> dict:
     from taskfold.trainer.loop import train_stages
+    from taskfold.trainer.resume import resume_stages
     from taskfold.trainer.run_target import new_run_dir
 
+    if args.resume:
+        summary, final_dir = resume_stages(args.resume, _resume_overrides(args))
+        return {"run_dir": str(final_dir), "test": summary["test"]}
+    if args.config is None:
+        from taskfold.trainer.config import ConfigError
+
+        raise ConfigError("train: give a CONFIG (a YAML recipe) or --resume RUN_DIR")
     cfg = _load_config(args.config, args.set)
     _apply_quiet(cfg, args)
     with new_run_dir(_run_dir(cfg, args.output), overwrite=args.overwrite) as target:
@@ -99,8 +121,15 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         raise InputError(f"--batch {args.batch!r}: expected comma-separated integers, e.g. 1,8") from None
     predictor = load(args.bundle, backend=args.backend, precision=args.precision, provider=args.provider,
                      threads=args.threads)
-    rows = benchmark(predictor, sizes, warmup=args.warmup, iters=args.iters)
-    return {"bundle": args.bundle, "backend": args.backend, "precision": predictor.precision, "results": rows}
+    tasks = _task_list(args.tasks)
+    rows = benchmark(predictor, sizes, warmup=args.warmup, iters=args.iters, tasks=tasks)
+    return {"bundle": args.bundle, "backend": args.backend, "precision": predictor.precision,
+            "tasks": predictor.task_names(tasks), "macs": predictor.cost(tasks), "results": rows}
+
+
+def _task_list(tasks: str | None) -> list[str] | None:
+    """``--tasks seg,depth`` as a list (None: every task); names are checked by the predictor."""
+    return None if tasks is None else [name.strip() for name in tasks.split(",")]
 
 
 def cmd_predict(args: argparse.Namespace) -> dict:
@@ -127,7 +156,7 @@ def cmd_predict(args: argparse.Namespace) -> dict:
     predictor = load(args.bundle, precision=args.precision, provider=args.provider)
     if args.normalize:
         images = normalize(images, predictor.input_spec)
-    outputs = predictor(images, allow_nonfinite=args.allow_nonfinite)
+    outputs = predictor(images, tasks=_task_list(args.tasks), allow_nonfinite=args.allow_nonfinite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "wb") as handle:  # a whole file or none: written aside, then renamed
@@ -270,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
              "Train (or search) a recipe into a run directory, with any follow-up stage (BMTAS retrain,\n"
              "DMTG fine-tune) in RUN/retrain; compile it later with `taskfold compile`.")):
         p = command(name, summary, description)
-        p.add_argument("config", nargs="?" if name == "run" else None, metavar="CONFIG",
+        p.add_argument("config", nargs="?", metavar="CONFIG",
                        help="YAML recipe, e.g. configs/demo.yaml" + (" (default: the demo recipe)" if name == "run" else ""))
         p.add_argument("-o", "--output", metavar="DIR", help="run directory (default: runs/<name from the recipe>)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -278,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing run directory; the old run is deleted only once the new one has "
                             "started cleanly")
+        p.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a killed or stopped run from its last checkpoint (--set may change only "
+                            "train.epochs, logging, checkpointing, bench, report and compile fields)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         add_json(p)
 
@@ -304,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: every CPU available)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls before measuring (default: 5)")
     p.add_argument("--iters", type=int, default=30, help="timed calls per batch size (default: 30)")
+    p.add_argument("--tasks", metavar="NAMES",
+                   help="comma-separated tasks to run (default: all); only their sub-graph runs")
     add_json(p)
 
     p = command("predict", "run a bundle on images stored as a .npy array",
@@ -317,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", action="store_true",
                    help="IMAGES are 0-1 images: normalise them with the manifest's mean/std first")
     p.add_argument("--allow-nonfinite", action="store_true", help="run even if IMAGES hold NaN or inf")
+    p.add_argument("--tasks", metavar="NAMES",
+                   help="comma-separated tasks to run (default: all); only their sub-graph runs")
     add_runtime_flags(p)
     add_json(p)
 

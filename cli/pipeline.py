@@ -19,17 +19,31 @@ def bench_precisions(manifest: dict) -> list[str]:
     return [p for p in held_precisions(manifest) if not (p == "fp16" and on_cpu)]
 
 
-def run_pipeline(cfg: Config, run_dir: Path, *, started: Callable[[], None] | None = None) -> dict:
+def run_pipeline(cfg: Config | None, run_dir: Path, *, started: Callable[[], None] | None = None,
+                 resume: list[str] | None = None) -> dict:
     """Run every stage into ``run_dir``; returns a summary (paths, test metrics, cost, latency).
 
-    ``started``: called once training has started cleanly (see ``train_stages``)."""
+    ``started``: called once training has started cleanly (see ``train_stages``). ``resume``: the
+    ``--set`` overrides of a resumed run (``cfg`` is then the run's own): training continues from
+    the last checkpoint, or, when it had finished and only the compile was cut short, goes
+    straight on to compiling."""
     from taskfold.compiler.compile_run import compile_run
     from taskfold.runtime import benchmark, load
     from taskfold.trainer.loop import train_stages
+    from taskfold.trainer.resume import resume_stages
     from taskfold.trainer.rundir import RunDir
 
     top = run_dir
-    summary, run_dir = train_stages(cfg, run_dir, started=started)
+    if resume is None:
+        summary, run_dir = train_stages(cfg, run_dir, started=started)
+    else:
+        summary, run_dir = resume_stages(run_dir, resume, finished_ok=True)
+        cfg = RunDir(top).load_config()
+        if summary is None and RunDir(run_dir).bundle_path.is_dir():
+            from taskfold.trainer.config import ConfigError
+
+            raise ConfigError(f"cannot resume: run {top} is finished (trained, tested and compiled)")
+        summary = summary or {"test": RunDir(run_dir).test_metrics()}
     bundle = compile_run(run_dir)  # the recipe's compile.* (TensorRT, INT8, FP16, ...) in the run's config.yaml
     manifest = json.loads((bundle / "manifest.json").read_text())
     rows = []

@@ -9,10 +9,12 @@ this backend checks the session's providers after creation and raises instead.
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Sequence, Union
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from taskfold.runtime.bundle import VerifiedBundle
@@ -87,6 +89,14 @@ class OrtBackend:
             )
         self.provider = used[0]
         self.input_name = bundle.manifest["input"]["name"]
+        self._options, self._providers = options, requested
+
+    def for_graph(self, model: onnx.ModelProto) -> OrtBackend:
+        """The same providers and threads over another graph (a pruned sub-graph of this one)."""
+        other = copy.copy(self)
+        other.session = ort.InferenceSession(model.SerializeToString(), sess_options=self._options,
+                                             providers=self._providers)
+        return other
 
     def run(self, images: np.ndarray, output_names: list[str]) -> list[np.ndarray]:
         """Outputs in the order of ``output_names``."""

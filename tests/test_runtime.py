@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from taskfold.runtime import (
 from taskfold.runtime.cuda import cuda_unavailable_reason
 
 from bundle_edit import edit_manifest, rehash_file, write_manifest_text
+from cli_runner import assert_user_error, run_cli
 
 torch = pytest.importorskip("torch")
 SIZE = 16
@@ -304,3 +306,70 @@ def test_benchmark_rows(built: tuple[Path, TwoTasks]) -> None:
         assert (row["provider"], row["threads"]) == ("CPUExecutionProvider", 1)
     with pytest.raises(ValueError, match="batch sizes must be >= 1"):
         benchmark(predictor, (0,))
+
+
+# Pay only for the tasks you ask for: predictor(x, tasks=[...]) runs a pruned sub-graph.
+TRUNK_MACS = SIZE * SIZE * 8 * 3 * 9
+SEG_HEAD_MACS = SIZE * SIZE * 5 * 8
+SCENE_HEAD_MACS = 8 * 4
+
+
+def test_task_subsets_give_the_full_runs_outputs(built: tuple[Path, TwoTasks]) -> None:
+    predictor = load(built[0], threads=1)
+    images = _images(3, seed=4)
+    full = predictor(images)
+    for tasks in (["seg"], ["scene"], ["scene", "seg"]):
+        subset = predictor(images, tasks=tasks)
+        assert list(subset) == tasks
+        for name in tasks:
+            np.testing.assert_allclose(subset[name], full[name], rtol=0, atol=1e-6)
+
+
+def test_a_task_subset_runs_a_graph_without_the_other_tasks(built: tuple[Path, TwoTasks]) -> None:
+    predictor = load(built[0], threads=1)
+    predictor(_images(1), tasks=["scene"])
+    session = predictor._backend_for(["scene_logits"]).session
+    assert [o.name for o in session.get_outputs()] == ["scene_logits"]
+    # The sub-graph has no 1x1 seg conv: only the trunk conv is left.
+    pruned = predictor._graphs.graph(["scene_logits"])
+    assert [n.op_type for n in pruned.graph.node].count("Conv") == 1
+
+
+def test_cost_of_a_task_subset_counts_shared_blocks_once(built: tuple[Path, TwoTasks]) -> None:
+    predictor = load(built[0], threads=1)
+    assert predictor.cost(tasks=["seg"]) == TRUNK_MACS + SEG_HEAD_MACS == predictor.cost["per_task_macs"]["seg"]
+    assert predictor.cost(tasks=["scene"]) == TRUNK_MACS + SCENE_HEAD_MACS
+    everything = TRUNK_MACS + SEG_HEAD_MACS + SCENE_HEAD_MACS
+    assert predictor.cost() == predictor.cost(tasks=["scene", "seg"]) == everything == predictor.cost["macs"]
+    assert everything < sum(predictor.cost["per_task_macs"].values())  # the trunk is not paid twice
+
+
+@pytest.mark.parametrize("tasks, message", [
+    (["depth"], "unknown task(s) 'depth'; this bundle has seg, scene"),
+    ("seg", "tasks must be a list of task names"),
+    ([], "tasks is empty"),
+    (["seg", "seg"], "task(s) 'seg' asked more than once"),
+])
+def test_bad_task_subsets_are_refused(built: tuple[Path, TwoTasks], tasks: Any, message: str) -> None:
+    predictor = load(built[0], threads=1)
+    with pytest.raises(InputError, match=re.escape(message)):
+        predictor(_images(1), tasks=tasks)
+    with pytest.raises(InputError, match=re.escape(message)):
+        predictor.cost(tasks=tasks)
+
+
+def test_benchmark_times_a_task_subset(built: tuple[Path, TwoTasks]) -> None:
+    rows = benchmark(load(built[0], threads=1), (2,), warmup=0, iters=2, tasks=["scene"])
+    assert rows[0]["batch"] == 2 and rows[0]["p50_ms"] > 0
+
+
+def test_cli_predict_runs_only_the_asked_tasks(built: tuple[Path, TwoTasks], tmp_path: Path) -> None:
+    images = _images(2, seed=7)
+    np.save(tmp_path / "images.npy", images)
+    proc = run_cli("predict", str(built[0]), str(tmp_path / "images.npy"), "--tasks", "scene", "--json")
+    assert proc.returncode == 0, proc.stderr
+    with np.load(tmp_path / "images.out.npz") as saved:
+        assert list(saved) == ["scene"]
+        np.testing.assert_allclose(saved["scene"], load(built[0])(images)["scene"], rtol=0, atol=1e-6)
+    proc = run_cli("predict", str(built[0]), str(tmp_path / "images.npy"), "--tasks", "seg,depth", "--overwrite")
+    assert_user_error(proc, "unknown task(s) 'depth'")

@@ -80,6 +80,14 @@ class MixedPrecision:
             return None
         return self.scaler.scale(torch.ones((), device=self.device))
 
+    def state_dict(self) -> dict:
+        """What a resumed run restores: the fp16 scaler's scale and growth tracker (nothing otherwise)."""
+        return {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()``; under fp16 the scaler unscales, skips a step with inf/NaN gradients
         and adapts the scale."""

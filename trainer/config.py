@@ -69,7 +69,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     eval_every: int = 1
     log_every: int = 10
-    checkpoint_every: int = 1
+    checkpoint_every: int = 200  # weight steps between resumable checkpoints (also one per epoch); 0: per epoch only
+    on_nonfinite: str = "stop"  # a NaN/inf loss: "stop" (one line, exit 2) or "skip_step" (drop that step)
     seed: int = 0
     progress: bool = True
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
@@ -295,12 +296,17 @@ def _check(cfg: Config, problems: list[str]) -> None:
         "data.size": cfg.data.size, "data.train_size": cfg.data.train_size,
         "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
         "train.log_every": cfg.train.log_every, "train.eval_every": cfg.train.eval_every,
-        "train.checkpoint_every": cfg.train.checkpoint_every, "compile.parity_samples": cfg.compile.parity_samples,
+        "compile.parity_samples": cfg.compile.parity_samples,
         "model.head_channels": cfg.model.head_channels,
     }
     for path, value in positive.items():
         if isinstance(value, int) and value < 1:
             problems.append(f"{path}: must be >= 1, got {value}")
+    if cfg.train.checkpoint_every < 0:
+        problems.append(f"train.checkpoint_every: must be >= 0 (0: once per epoch), got {cfg.train.checkpoint_every}")
+    if cfg.train.on_nonfinite not in NONFINITE_CHOICES:
+        problems.append(f"train.on_nonfinite: expected one of {', '.join(NONFINITE_CHOICES)}, "
+                        f"got {cfg.train.on_nonfinite!r}")
     if cfg.data.workers is not None and cfg.data.workers < 0:
         problems.append(f"data.workers: must be >= 0 (or null for the default), got {cfg.data.workers}")
     if not (cfg.train.lr > 0 and math.isfinite(cfg.train.lr)):  # NaN fails every comparison
@@ -315,6 +321,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"bench.batches: every batch size must be >= 1, got {cfg.bench.batches}")
 
 
+NONFINITE_CHOICES = ("stop", "skip_step")
 DEVICE_FORM = re.compile(r"auto|cpu|cuda(:\d+)?")
 AMP_CHOICES = ("none", "bf16", "fp16")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from tqdm import tqdm
 
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.trainer.amp import MixedPrecision
-from taskfold.trainer.config import Config, ConfigError
+from taskfold.trainer.checkpoint import EpochCursor, cursor_state, rng_state, set_rng_state
+from taskfold.trainer.config import Config, ConfigError, save_config
 from taskfold.trainer.data import create_dataset
 from taskfold.trainer.data.loader import ARCH, EpochBatches, SplitLoader
 from taskfold.trainer.device import describe, move_parameters, resolve_device, to_device
@@ -47,6 +49,7 @@ class RunState:
     optimizer: torch.optim.Optimizer
     weighting: object
     history: list[dict] = field(default_factory=list)
+    last_finite: tuple[int, float] | None = None  # (step, total loss) of the last finite step
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: MixedPrecision = field(default_factory=lambda: MixedPrecision("none", torch.device("cpu")))
 
@@ -128,8 +131,9 @@ def create_optimizer(name: str, params: list[dict], *, lr: float, weight_decay: 
     raise ConfigError(f"train.optimizer: unknown optimizer {name!r}; available: adam, adamw, sgd")
 
 
-def setup(cfg: Config, run_dir: str | Path) -> RunState:
-    """Validate everything that can be wrong before the first step, then build the run."""
+def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState:
+    """Validate everything that can be wrong before the first step, then build the run
+    (``resume``: into the existing run directory, whose files are kept; see :func:`resume_point`)."""
     device = resolve_device(cfg.train.device)  # CUDA asked for where there is none: refused before any work
     torch.manual_seed(cfg.train.seed)
     method = create_method(cfg.method)
@@ -156,7 +160,10 @@ def setup(cfg: Config, run_dir: str | Path) -> RunState:
     if hasattr(method, "attach_optimizer"):  # optional: methods that reset its state (BMTAS)
         method.attach_optimizer(optimizer)
     run = RunDir(run_dir)
-    run.create(cfg)
+    if resume:
+        save_config(cfg, run.config_path)  # the safe changes --set made (see trainer/resume.py)
+    else:
+        run.create(cfg)
     run.run_info_path.write_text(json.dumps({**describe(device), "amp": cfg.train.amp,
                                              "channels_last": cfg.train.channels_last}, indent=2) + "\n")
     spec.save(run.arch_path)
@@ -187,90 +194,165 @@ def evaluate(model: nn.Module, data: SplitLoader, tasks: list, state: RunState |
     return {name: {**meter.compute(), "loss": float(loss_sums[name]) / len(dataset)} for name, meter in meters.items()}
 
 
-def weight_step(state: RunState, images: torch.Tensor, targets: dict, epoch: int, step: int
-                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One weight update on a batch already on the device: forward (in autocast), the method's
-    task losses, the strategy's backward, the optimiser step. Returns the losses and the
-    strategy's values to log."""
-    model, precision = state.model, state.precision
-    with precision.autocast():
-        outputs = model(images)
-        losses = state.method.task_losses(model, outputs, targets, state.tasks)
+def forward_losses(state: RunState, images: torch.Tensor, targets: dict) -> dict[str, torch.Tensor]:
+    """The method's task losses on a batch already on the device (forward and losses in autocast)."""
+    with state.precision.autocast():
+        outputs = state.model(images)
+        return state.method.task_losses(state.model, outputs, targets, state.tasks)
+
+
+def update(state: RunState, losses: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, float]:
+    """The strategy's backward pass of ``losses`` and the optimiser step (through the fp16 scaler
+    when there is one); returns the strategy's values to log."""
+    model = state.model
     ctx = StepContext(
         shared_params=list(model.shared_parameters()) if hasattr(model, "shared_parameters") else [],
         shared_features=list(getattr(model, "shared_features", [])),
         primary=state.spec.primary,
         auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary],
-        epoch=epoch, step=step, loss_scale=precision.loss_scale(),
+        epoch=epoch, step=step, loss_scale=state.precision.loss_scale(),
     )
     state.optimizer.zero_grad(set_to_none=True)
     weight_logs = state.weighting.backward(losses, ctx)
-    precision.step(state.optimizer)
-    return losses, weight_logs
+    state.precision.step(state.optimizer)
+    return weight_logs
 
 
-def _train_epoch(state: RunState, epoch: int, step: int, total_steps: int) -> int:
+def weight_step(state: RunState, images: torch.Tensor, targets: dict, epoch: int, step: int
+                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One whole weight update on a batch (no non-finite guard: tests and benchmarks); returns the
+    losses and the strategy's values to log."""
+    losses = forward_losses(state, images, targets)
+    return losses, update(state, losses, epoch, step)
+
+
+class NonFiniteLoss(ValueError):
+    """A task's loss became NaN or inf during training (``train.on_nonfinite: stop``)."""
+
+
+def loss_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each task's loss as a Python float, read from the device in one transfer: the step's one
+    host sync, which the non-finite guard needs before the update anyway."""
+    return dict(zip(losses, torch.stack([loss.detach() for loss in losses.values()]).double().tolist()))
+
+
+def trainer_state(state: RunState, cursor: EpochCursor) -> dict:
+    """Everything besides the weights that a resume restores (see :mod:`taskfold.trainer.checkpoint`)."""
+    return {"cursor": cursor_state(cursor), "optimizer": state.optimizer.state_dict(),
+            "method": state.method.state_dict(state.model), "weighting": state.weighting.state_dict(),
+            "rng": rng_state(), "metrics_bytes": state.run.metrics_path.stat().st_size,
+            "precision": state.precision.state_dict()}
+
+
+def restore(state: RunState, saved: dict) -> None:
+    """Put a checkpoint's weights and trainer state back into a freshly set-up run."""
+    state.run.load_weights(state.model)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.method.load_state_dict(state.model, saved["method"])
+    state.weighting.load_state_dict(saved["weighting"])
+    state.precision.load_state_dict(saved.get("precision", {}))
+    set_rng_state(saved["rng"])
+
+
+def _checkpoint(state: RunState, cursor: EpochCursor) -> None:
+    state.run.save_checkpoint(state.model, trainer_state(state, cursor))
+
+
+def _train_epoch(state: RunState, cursor: EpochCursor, total_steps: int, saved: dict | None = None) -> None:
+    """One epoch from ``cursor`` (its start, or where a resumed run stopped: ``saved`` is then that
+    checkpoint's trainer state, restored once the epoch's schedule is set as it was)."""
     cfg, model, method = state.cfg, state.model, state.method
     train = state.loaders["train"]
-    progress = Progress(epoch, cfg.train.epochs, step, total_steps)
-    state.run.log({"type": "schedule", "epoch": epoch, **method.start_epoch(model, progress)})
+    epoch = cursor.epoch
+    schedule = method.start_epoch(model, Progress(epoch, cfg.train.epochs, cursor.epoch_start_step, total_steps))
+    if saved is None:
+        state.run.log({"type": "schedule", "epoch": epoch, **schedule})
+    else:
+        restore(state, saved)
+    if cursor.plan_generator is None:  # the run's first epoch
+        cursor.plan_generator = train.batches.generator.get_state()
+    else:  # replan an epoch a resumed run had started, or the one after a checkpoint
+        train.batches.generator.set_state(cursor.plan_generator)
     n_weight = train.batches.weight_batches
-    names = [t.name for t in state.tasks]
-    # Running loss sums stay on the device (float64, added in step order as Python floats would
-    # be): the host reads them once per log interval, not once per step.
-    sums: torch.Tensor | float = 0.0
-    count = 0
-    epoch_sums: torch.Tensor | float = 0.0
     arch_logs: dict[str, float] = {}
-    bar = tqdm(total=n_weight, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+    bar = tqdm(total=n_weight, initial=cursor.weight_index + 1, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                disable=not cfg.train.progress, leave=False)
     model.train()
-    i = -1
-    precision = state.precision
-    for kind, images, targets in train.epoch(epoch):
+    for kind, images, targets in train.epoch(epoch, skip=cursor.consumed):
+        cursor.consumed += 1
         images, targets = state.to_device(images, targets)
-        progress = Progress(epoch, cfg.train.epochs, step, total_steps)
+        progress = Progress(epoch, cfg.train.epochs, cursor.step, total_steps)
         if kind == ARCH:
-            with precision.arch_autocast():
+            with state.precision.arch_autocast():
                 arch_logs = method.arch_step(model, images, targets, state.tasks, progress)
             continue
-        i += 1
+        cursor.weight_index += 1
         bar.update()
-        losses, weight_logs = weight_step(state, images, targets, epoch, step)
-        values = torch.stack([losses[name].detach() for name in names]).double()
-        sums = sums + values
-        epoch_sums = epoch_sums + values
-        step += 1
-        count += 1
-        if step % cfg.train.log_every == 0 or i == n_weight - 1:
-            mean = {name: v / count for name, v in zip(names, sums.tolist())}
+        losses = forward_losses(state, images, targets)
+        values = loss_values(losses)
+        bad = next((name for name, value in values.items() if not math.isfinite(value)), None)
+        if bad is not None:
+            _on_nonfinite(state, cursor, bad, values[bad])
+            continue
+        weight_logs = update(state, losses, epoch, cursor.step)
+        for name, value in values.items():
+            cursor.sums[name] = cursor.sums.get(name, 0.0) + value
+            cursor.epoch_sums[name] = cursor.epoch_sums.get(name, 0.0) + value
+        cursor.step += 1
+        cursor.count += 1
+        state.last_finite = (cursor.step, sum(values.values()))
+        if cursor.step % cfg.train.log_every == 0 or cursor.weight_index == n_weight - 1:
+            mean = {k: v / cursor.count for k, v in cursor.sums.items()}
             bar.set_postfix(loss=f"{sum(mean.values()):.3f}")
-            state.run.log({"type": "train", "epoch": epoch, "step": step, "loss": sum(mean.values()),
+            state.run.log({"type": "train", "epoch": epoch, "step": cursor.step, "loss": sum(mean.values()),
                            "losses": mean, **_prefixed("weighting", weight_logs), **_prefixed("arch", arch_logs)})
-            sums, count = 0.0, 0
+            cursor.sums, cursor.count = {}, 0
         arch_logs = {}
+        every = cfg.train.checkpoint_every
+        if every and cursor.step % every == 0 and cursor.weight_index < n_weight - 1:
+            _checkpoint(state, cursor)  # the end of the epoch has a checkpoint of its own
     bar.close()
-    state.weighting.end_epoch({name: v / n_weight for name, v in zip(names, epoch_sums.tolist())})
-    return step
+    state.weighting.end_epoch({k: v / n_weight for k, v in cursor.epoch_sums.items()})
+
+
+def _on_nonfinite(state: RunState, cursor: EpochCursor, task: str, value: float) -> None:
+    """``train.on_nonfinite``: stop with one line, or drop this step (no update) and log it."""
+    where = f"step {cursor.step + 1} (epoch {cursor.epoch + 1})"
+    if state.cfg.train.on_nonfinite == "skip_step":
+        state.run.log({"type": "skipped_step", "epoch": cursor.epoch, "step": cursor.step, "task": task,
+                       "loss": str(value)})
+        return
+    last = (f"last finite total loss {state.last_finite[1]:.6g} at step {state.last_finite[0]}"
+            if state.last_finite else "no finite step before it")
+    raise NonFiniteLoss(f"train: the loss of task {task!r} is {value} at {where}; {last}. The last checkpoint is "
+                        "kept; lower train.lr, or set train.on_nonfinite: skip_step")
 
 
 def _prefixed(prefix: str, logs: dict) -> dict:
     return {f"{prefix}/{k}": v for k, v in logs.items()}
 
 
-def fit(state: RunState) -> None:
+def fit(state: RunState, cursor: EpochCursor | None = None, saved: dict | None = None) -> None:
+    """Train from ``cursor`` (default: the start) to the last epoch; ``saved``: the trainer state of
+    the checkpoint ``cursor`` comes from (a resumed run)."""
     cfg = state.cfg
     total = state.loaders["train"].batches.weight_batches * cfg.train.epochs
-    step = 0
-    for epoch in range(cfg.train.epochs):
+    cursor = cursor or EpochCursor()
+    if saved is not None and cursor.consumed == 0:  # stopped between epochs: restore, then start the next
+        restore(state, saved)
+        saved = None
+    train = state.loaders["train"]
+    for epoch in range(cursor.epoch, cfg.train.epochs):
         start = time.perf_counter()
-        step = _train_epoch(state, epoch, step, total)
-        record = {"type": "epoch", "epoch": epoch, "step": step, "seconds": time.perf_counter() - start}
+        _train_epoch(state, cursor, total, saved)
+        saved = None
+        record = {"type": "epoch", "epoch": epoch, "step": cursor.step, "seconds": time.perf_counter() - start}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
             record["val"] = evaluate(state.model, state.loaders["val"], state.tasks, state)
         state.run.log(record)
-        if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs - 1:
-            state.run.save_checkpoint(state.model, {"weights": state.optimizer})
+        cursor = EpochCursor(epoch=epoch + 1, step=cursor.step, epoch_start_step=cursor.step,
+                             plan_generator=train.batches.generator.get_state())
+        _checkpoint(state, cursor)
 
 
 def finish(state: RunState) -> dict:
@@ -306,8 +388,13 @@ def train_stages(cfg: Config, run_dir: str | Path, *, started: Callable[[], None
     top = run_dir = Path(run_dir)
     top.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(top):  # no other process may compile or replace the run between its stages
-        summary = train(cfg, run_dir, started=started)
-        while summary["follow_up"] is not None:
-            cfg, run_dir = summary["follow_up"], RunDir(run_dir).follow_up_path
-            summary = train(cfg, run_dir)
+        return train_follow_ups(train(cfg, run_dir, started=started), run_dir)
+
+
+def train_follow_ups(summary: dict, run_dir: Path) -> tuple[dict, Path]:
+    """Train the follow-up stages ``summary`` (of the stage in ``run_dir``) asks for, one inside
+    the other; returns the last stage's summary and directory."""
+    while summary["follow_up"] is not None:
+        run_dir = RunDir(run_dir).follow_up_path
+        summary = train(summary["follow_up"], run_dir)
     return summary, run_dir

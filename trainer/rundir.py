@@ -9,16 +9,14 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from taskfold.models.arch import ArchSpec
 from taskfold.trainer.config import Config, ConfigError, load_config, save_config
 
-WEIGHTS = "model.safetensors"
-OPTIMIZER = "optimizer.pt"
+from taskfold.trainer.checkpoint import WEIGHTS, recover, save_checkpoint
 
 
 class RunDir:
@@ -122,15 +120,12 @@ class RunDir:
         """The run's test metrics (its last ``test`` record), or None if it has not finished."""
         return next((r["test"] for r in reversed(self.read_metrics()) if r.get("type") == "test"), None)
 
-    def save_checkpoint(self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], tag: str = "last") -> None:
-        folder = self.checkpoints / tag
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        _atomic(folder / WEIGHTS, lambda p: save_file(state, str(p)))
-        opt_state = {name: opt.state_dict() for name, opt in optimizers.items()}
-        _atomic(folder / OPTIMIZER, lambda p: torch.save(opt_state, p))
+    def save_checkpoint(self, model: nn.Module, trainer_state: dict, tag: str = "last") -> None:
+        """The weights and everything a resume needs, atomically (see :mod:`taskfold.trainer.checkpoint`)."""
+        save_checkpoint(self.checkpoints / tag, model, trainer_state)
 
     def load_weights(self, model: nn.Module, tag: str = "last") -> None:
+        recover(self.checkpoints / tag)  # a crash mid-swap leaves the whole checkpoint aside
         path = self.checkpoints / tag / WEIGHTS
         if not path.is_file():
             raise ConfigError(f"run {self.path}: no checkpoint at {path} (did training finish?)")

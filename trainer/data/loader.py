@@ -111,8 +111,9 @@ class EpochBatches:
         """Weight steps per epoch."""
         return -(-(self.num_samples - self.arch_samples) // self.batch_size)
 
-    def plan(self, epoch: int) -> list[str]:
-        """Draw epoch ``epoch``'s order (one ``randperm`` from the generator when shuffling)."""
+    def plan(self, epoch: int, skip: int = 0) -> list[str]:
+        """Draw epoch ``epoch``'s order (one ``randperm`` from the generator when shuffling); the
+        first ``skip`` batches are left out (a resumed epoch: they were consumed before the stop)."""
         if self.shuffle:
             perm = torch.randperm(self.num_samples, generator=self.generator)
             # From (seed, epoch), not from the generator: its stream stays one randperm per epoch.
@@ -128,6 +129,7 @@ class EpochBatches:
                 ordered.append((ARCH, arch[done]))
                 done += 1
             ordered.append((WEIGHT, batch))
+        ordered = ordered[skip:]
         self._batches = [[SampleKey(index, seed) for index in self._shard(batch)] for _, batch in ordered]
         return [kind for kind, _ in ordered]
 
@@ -170,8 +172,9 @@ class SplitLoader:
                                  prefetch_factor=4 if self.workers > 0 else None,
                                  generator=torch.Generator().manual_seed(0))
 
-    def epoch(self, epoch: int) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
-        kinds = self.batches.plan(epoch)
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
+        """The batches of epoch ``epoch`` in plan order, without its first ``skip``."""
+        kinds = self.batches.plan(epoch, skip)
         try:
             for kind, (images, targets) in zip(kinds, self.loader):
                 yield kind, images, targets

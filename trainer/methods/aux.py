@@ -100,6 +100,13 @@ class AuxMethod:
             self.alpha_optimizer = torch.optim.Adam(model.arch_parameters(), lr=self.options.alpha_lr)
         return model
 
+    def state_dict(self, model: AuxNet) -> dict:
+        return {"alpha_optimizer": self.alpha_optimizer.state_dict()} if self.searched else {}
+
+    def load_state_dict(self, model: AuxNet, state: dict) -> None:
+        if self.searched:
+            self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+
     def param_groups(self, model: AuxNet) -> list[dict]:
         alpha = {id(p) for p in model.arch_parameters()}
         return [{"params": [p for p in model.parameters() if id(p) not in alpha]}]

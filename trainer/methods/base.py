@@ -16,7 +16,10 @@ checkpoints. A method owns only what makes it that method:
 - ``arch_step``: one architecture update on an architecture batch;
 - ``read_off``: the searched decision, saved into ``arch.json``;
 - ``follow_up``: the config of a further stage trained after this one (BMTAS retrains the
-  derived tree), or None.
+  derived tree), or None;
+- ``state_dict(model)`` / ``load_state_dict(model, state)``: what a resumed run needs besides the
+  network's weights and the weight optimiser (architecture optimisers, phase flags); tensors,
+  numbers, strings, lists and dicts only (see :mod:`taskfold.trainer.checkpoint`).
 
 Methods are plain classes that implement this Protocol; :mod:`plain` holds the defaults a method
 may call rather than inherit.
@@ -68,3 +71,7 @@ class Method(Protocol):
     def read_off(self, model: nn.Module) -> dict: ...
 
     def follow_up(self, cfg: Config, run_dir: Path, decision: dict) -> Config | None: ...
+
+    def state_dict(self, model: nn.Module) -> dict: ...
+
+    def load_state_dict(self, model: nn.Module, state: dict) -> None: ...

@@ -53,7 +53,7 @@ from taskfold.models.nets.branched import BranchedNet, node_key
 from taskfold.models.nets.tree import TreeError, tree_macs
 from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
-from taskfold.trainer.methods.plain import load_weights_into, per_task_losses
+from taskfold.trainer.methods.plain import Stateless, load_weights_into, per_task_losses
 from taskfold.trainer.rundir import WEIGHTS, RunDir
 from taskfold.trainer import bmtas_report  # noqa: F401  (registers the report section)
 
@@ -120,6 +120,15 @@ class BMTASSearch:
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self.weight_optimizer = optimizer
+
+    def state_dict(self, model: BranchNet) -> dict:
+        return {"alpha_optimizer": self.alpha_optimizer.state_dict(), "arch_changes": self.arch_changes,
+                "routing": self._routing, "warmup": model.warmup, "tau": model.tau}
+
+    def load_state_dict(self, model: BranchNet, state: dict) -> None:
+        self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+        self.arch_changes, self._routing = state["arch_changes"], state["routing"]
+        model.warmup, model.tau = state["warmup"], state["tau"]
 
     def param_groups(self, model: BranchNet) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p is not model.alpha]}]
@@ -205,7 +214,7 @@ class BMTASSearch:
 
 
 @METHODS.register("bmtas_retrain")
-class BMTASRetrain:
+class BMTASRetrain(Stateless):
     """Train a branched tree; a block shared by k tasks gets the learning rate divided by k."""
 
     arch_fraction = 0.0

@@ -29,7 +29,7 @@ from taskfold.models.nets import build_network
 from taskfold.models.nets.group import GroupNet
 from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
-from taskfold.trainer.methods.plain import load_weights_into
+from taskfold.trainer.methods.plain import Stateless, load_weights_into
 from taskfold.trainer.report import REPORT_SECTIONS, line_style, pyplot
 from taskfold.trainer.rundir import WEIGHTS, RunDir
 
@@ -50,7 +50,7 @@ def random_groups(num_tasks: int, num_groups: int, seed: int) -> list[int]:
 
 
 @METHODS.register("dmtg")
-class DMTGMethod:
+class DMTGMethod(Stateless):
     arch_fraction = 0.0
 
     @dataclass

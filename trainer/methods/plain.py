@@ -37,7 +37,18 @@ def load_weights_into(field: str, path: str | Path, load: Callable[[dict[str, to
         raise ConfigError(f"{field}: the weights at {path} do not fit this network ({reason})") from None
 
 
-class PlainMethod:
+class Stateless:
+    """For methods whose whole state is the network's weights and the loop's optimiser (their
+    schedules are functions of the progress, recomputed on resume)."""
+
+    def state_dict(self, model: nn.Module) -> dict:
+        return {}
+
+    def load_state_dict(self, model: nn.Module, state: dict) -> None:
+        pass
+
+
+class PlainMethod(Stateless):
     """A method that trains the network as built: nothing searched, nothing read off."""
 
     arch_fraction = 0.0

@@ -63,3 +63,9 @@ class WeightingStrategy(Protocol):
 
     def end_epoch(self, epoch_losses: dict[str, float]) -> None:
         """Called once per epoch with each task's mean training loss (DWA needs it)."""
+
+    def state_dict(self) -> dict:
+        """What a resumed run restores (parameters, initial losses, loss history, generators)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s values."""

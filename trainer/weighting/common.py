@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,29 @@ class StrategyBase:
 
     def end_epoch(self, epoch_losses: dict[str, float]) -> None:
         pass
+
+    # Attributes (besides parameters()) that change during training and that a resume restores.
+    running_state: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict:
+        """The learnable parameters (by position) and the ``running_state`` attributes; a
+        ``torch.Generator`` is saved as its state."""
+        state = {"parameters": [p.detach().clone() for p in self.parameters()]}
+        for name in self.running_state:
+            value = getattr(self, name)
+            state[name] = value.get_state() if isinstance(value, torch.Generator) else copy.deepcopy(value)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for param, value in zip(self.parameters(), state["parameters"], strict=True):
+                param.copy_(value)
+        for name in self.running_state:
+            current = getattr(self, name)
+            if isinstance(current, torch.Generator):
+                current.set_state(state[name])
+            else:
+                setattr(self, name, state[name])
 
 
 @dataclass

@@ -22,6 +22,8 @@ from taskfold.trainer.weighting.registry import WEIGHTINGS
 class DynamicWeightAverage(StrategyBase):
     """Loss weights from each task's recent rate of descent; no gradients are inspected."""
 
+    running_state = ("history",)
+
     @dataclass
     class Options:
         temperature: float = 2.0

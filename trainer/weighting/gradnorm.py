@@ -35,6 +35,8 @@ def gradnorm_weight_grad(weights: torch.Tensor, grad_norms: torch.Tensor, loss_r
 class GradNorm(GradientStrategy):
     """Learn task weights that equalise the tasks' gradient norms, scaled by training progress."""
 
+    running_state = ("initial_losses",)
+
     @dataclass
     class Options(OnOptions):
         alpha: float = 1.5

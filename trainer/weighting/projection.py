@@ -53,6 +53,8 @@ def _conflicts(gram: torch.Tensor) -> float:
 class PCGrad(GradientStrategy):
     """Remove, pairwise, the part of each task gradient that conflicts with another's."""
 
+    running_state = ("generator",)
+
     @dataclass
     class Options(OnOptions):
         seed: int = 0
