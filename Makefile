@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip >/dev/null
 	# torch 2.14.1/torchvision 0.29.1 come from this machine's local index (see README).
 	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[serve,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

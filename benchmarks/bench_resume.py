@@ -48,21 +48,33 @@ def taskfold(*args: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def stage_dirs(run: Path) -> list[Path]:
+    """``run`` and its follow-up stages (RUN/retrain, RUN/retrain/retrain, ...) that exist."""
+    stages = [run]
+    while (stages[-1] / "retrain").is_dir():
+        stages.append(stages[-1] / "retrain")
+    return stages
+
+
 def weight_steps(run: Path) -> int:
-    """Weight steps logged so far by every stage of ``run``."""
-    return sum(path.read_text().count('"type": "train"') for path in run.rglob("metrics.jsonl"))
+    """Weight steps logged so far by every stage of ``run`` (0 for a stage not started)."""
+    total = 0
+    for stage in stage_dirs(run):
+        try:
+            total += (stage / "metrics.jsonl").read_text().count('"type": "train"')
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def last_stage(run: Path) -> Path:
-    while (run / "retrain").is_dir():
-        run = run / "retrain"
-    return run
+    return stage_dirs(run)[-1]
 
 
 def records(run: Path) -> list[list[dict]]:
     stages = []
-    for path in sorted(run.rglob("metrics.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for stage in stage_dirs(run):
+        rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
         stages.append([{k: v for k, v in row.items() if k != "seconds"} for row in rows])
     return stages
 

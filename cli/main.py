@@ -11,6 +11,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from taskfold.cli import serving
+
 EXIT_USER_ERROR = 2
 
 
@@ -18,7 +20,8 @@ EXIT_USER_ERROR = 2
 # module that was never imported cannot have raised its error, so only loaded ones are looked up
 # (this keeps `taskfold flops` and `bench` free of torch).
 USER_ERRORS = {
-    "taskfold.runtime.errors": ("BundleError", "InputError", "BackendUnavailable"),
+    "taskfold.runtime.errors": ("BundleError", "InputError", "BackendUnavailable", "MissingExtra"),
+    "taskfold.runtime.serve.server": ("ServeError",),
     "taskfold.trainer.config": ("ConfigError",),
     "taskfold.trainer.runlock": ("RunInUse",),
     "taskfold.trainer.loop": ("NonFiniteLoss",),
@@ -366,11 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "from the run's metrics, arch.json and bundle; the latency table needs a `taskfold run`.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     add_json(p)
+    serving.add_commands(command, add_json)
     return parser
 
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "compile": cmd_compile, "bench": cmd_bench,
-            "predict": cmd_predict, "flops": cmd_flops, "report": cmd_report}
+            "predict": cmd_predict, "flops": cmd_flops, "report": cmd_report, **serving.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,3 +20,7 @@ class BackendUnavailable(ValueError):
     Raised instead of falling back silently: a caller who asked for a GPU must not get a CPU
     run (and CPU latencies) without knowing it.
     """
+
+
+class MissingExtra(ValueError):
+    """A command or call needs an optional extra (``taskfold[train]``, ``[serve]``) that is not installed."""
