@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench data-composites clean
+.PHONY: install demo test test-fast test-gpu bench data-composites clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# On a CUDA machine: the GPU-marked tests (every method in bf16/fp16 on CUDA, TensorRT, the CUDA
+# provider); each skips with its reason where CUDA or a GPU package is missing.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu -rs tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_demo_bundle.py

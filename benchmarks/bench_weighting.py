@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mean_std, paired_medians, train_recipe  # noqa: E402
+from common import fixed_batch_step, mean_std, paired_medians, train_recipe  # noqa: E402
 
 COMBOS = [("shared", s) for s in ("ew", "uw", "pcgrad", "gcs", "ial")] + [("aux_nas", s) for s in ("ew", "ial")]
 RECIPE = {"shared": "configs/aux_head_seg_normals.yaml", "aux_nas": "configs/aux_nas_seg_normals.yaml"}
@@ -39,31 +39,15 @@ def accuracy(args) -> None:
 
 
 def overhead(args) -> None:
-    from taskfold.trainer.data.loader import load_batch
     from taskfold.trainer.config import load_config
-    from taskfold.trainer.loop import setup
-    from taskfold.trainer.weighting import WEIGHTINGS, StepContext
+    from taskfold.trainer.weighting import WEIGHTINGS
 
     torch.set_num_threads(args.threads)
     steps = {}
     for strategy in WEIGHTINGS.names():
         cfg = load_config(RECIPE["shared"], [f"weighting.name={strategy}", "data.train_size=32", "data.val_size=4",
                                              "data.test_size=4", "train.progress=false"])
-        state = setup(cfg, Path(args.out) / f"overhead_{strategy}")
-        images, targets = load_batch(state.datasets["train"], range(args.batch))
-
-        def step(state=state, images=images, targets=targets):
-            outputs = state.model(images)
-            losses = state.method.task_losses(state.model, outputs, targets, state.tasks)
-            ctx = StepContext(shared_params=state.model.shared_parameters(),
-                              shared_features=state.model.shared_features,
-                              primary=state.spec.primary,
-                              auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary])
-            state.optimizer.zero_grad(set_to_none=True)
-            state.weighting.backward(losses, ctx)
-            state.optimizer.step()
-
-        steps[strategy] = step
+        steps[strategy] = fixed_batch_step(cfg, Path(args.out) / f"overhead_{strategy}", args.batch)
     med = paired_medians(steps, rounds=args.rounds, per_round=1, warmup=2)
     print(f"per-step time, shared network (resnet10, 64 px), batch {args.batch}, threads {args.threads}")
     for strategy, seconds in med.items():

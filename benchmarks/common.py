@@ -38,6 +38,17 @@ def paired_medians(candidates: dict[str, Callable[[], object]], *, rounds: int =
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def fixed_batch_step(cfg, run_dir, batch: int) -> Callable[[], object]:
+    """One weight step (``loop.weight_step``: forward, losses, the strategy's backward, the
+    optimiser) of the run ``cfg`` sets up in ``run_dir``, on its first ``batch`` training samples."""
+    from taskfold.trainer.data.loader import load_batch
+    from taskfold.trainer.loop import setup, weight_step
+
+    state = setup(cfg, run_dir)
+    images, targets = state.to_device(*load_batch(state.datasets["train"], range(batch)))
+    return lambda: weight_step(state, images, targets, 0, 0)
+
+
 def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
     """Best FP32 matrix-multiply throughput of this machine through PyTorch (GFLOP/s, 2·n³ flops)."""
     import torch
@@ -85,11 +96,12 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16",
+              "avx512_fp16", "amx_bf16")
 
 
 def cpu_line() -> str:
-    """``lscpu``'s model name and the SIMD flags that decide the INT8 scheme."""
+    """``lscpu``'s model name and the SIMD flags that decide the INT8 scheme and native bf16/fp16."""
     fields = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
                   .splitlines() if ":" in line)
     flags = set(fields.get("Flags", "").split())

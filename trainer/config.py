@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/inf loss: "stop" (one line, exit 2) or "skip_step" (drop that step)
     seed: int = 0
     progress: bool = True
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    amp: str = "none"  # none | bf16 | fp16 (torch.autocast; a GradScaler for fp16)
+    channels_last: bool = False  # NHWC memory order for the network and its input images (CNNs)
 
 
 @dataclass
@@ -307,12 +311,29 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"data.workers: must be >= 0 (or null for the default), got {cfg.data.workers}")
     if not (cfg.train.lr > 0 and math.isfinite(cfg.train.lr)):  # NaN fails every comparison
         problems.append(f"train.lr: must be a finite number > 0, got {cfg.train.lr}")
+    problem = device_field_problem(cfg.train.device)
+    if problem is not None:
+        problems.append(problem)
+    if cfg.train.amp not in AMP_CHOICES:
+        problems.append(f"train.amp: expected one of {', '.join(AMP_CHOICES)}, got {cfg.train.amp!r}")
     _check_compile(cfg.compile, problems)
     if any(b < 1 for b in cfg.bench.batches):
         problems.append(f"bench.batches: every batch size must be >= 1, got {cfg.bench.batches}")
 
 
 NONFINITE_CHOICES = ("stop", "skip_step")
+DEVICE_FORM = re.compile(r"auto|cpu|cuda(:\d+)?")
+AMP_CHOICES = ("none", "bf16", "fp16")
+
+
+def device_field_problem(value: str) -> str | None:
+    """Why ``train.device`` is malformed (None for auto, cpu, cuda, cuda:N). Only the form: whether
+    this machine has the device is asked when a run is set up (trainer/device.py), so a run trained
+    on a GPU can still be compiled and reported from its config.yaml on a CPU machine."""
+    if DEVICE_FORM.fullmatch(value):
+        return None
+    return f"train.device: expected auto, cpu, cuda or cuda:N, got {value!r}"
+
 
 COMPILE_CHOICES = {
     "int8_target": ("auto", "avx2", "vnni", "arm", "tensorrt"),

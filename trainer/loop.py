@@ -7,6 +7,9 @@ goes through the Method contract; nothing here knows about a particular method.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,10 +21,12 @@ from tqdm import tqdm
 
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.backbones import BACKBONES
+from taskfold.trainer.amp import MixedPrecision
 from taskfold.trainer.checkpoint import EpochCursor, cursor_state, rng_state, set_rng_state
 from taskfold.trainer.config import Config, ConfigError, save_config
 from taskfold.trainer.data import create_dataset
 from taskfold.trainer.data.loader import ARCH, EpochBatches, SplitLoader
+from taskfold.trainer.device import describe, move_parameters, resolve_device, to_device
 from taskfold.trainer.methods import Method, Progress, create_method
 from taskfold.trainer.report import baseline_results
 from taskfold.trainer.rundir import RunDir
@@ -46,6 +51,12 @@ class RunState:
     weighting: object
     history: list[dict] = field(default_factory=list)
     last_finite: tuple[int, float] | None = None  # (step, total loss) of the last finite step
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: MixedPrecision = field(default_factory=lambda: MixedPrecision("none", torch.device("cpu")))
+
+    def to_device(self, images: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
+        """A batch from a loader, on the run's device and in the network's memory format."""
+        return to_device(images, targets, self.device, self.cfg.train.channels_last)
 
 
 def build_datasets(cfg: Config) -> dict:
@@ -124,11 +135,12 @@ def create_optimizer(name: str, params: list[dict], *, lr: float, weight_decay: 
 def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState:
     """Validate everything that can be wrong before the first step, then build the run
     (``resume``: into the existing run directory, whose files are kept; see :func:`resume_point`)."""
+    device = resolve_device(cfg.train.device)  # CUDA asked for where there is none: refused before any work
     torch.manual_seed(cfg.train.seed)
     method = create_method(cfg.method)
     BACKBONES.get(cfg.model.backbone)  # a misspelt backbone fails now, not after the datasets are built
     datasets = build_datasets(cfg)
-    loaders = build_loaders(cfg, datasets, arch_fraction=method.arch_fraction)
+    loaders = build_loaders(cfg, datasets, arch_fraction=method.arch_fraction, pin_memory=device.type == "cuda")
     tasks = build_tasks(cfg, datasets["train"].info)
     spec = build_spec(cfg, tasks)
     weighting = create_weighting(cfg.weighting, tasks=spec.task_names,
@@ -137,6 +149,12 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState
     if cfg.report.baseline is not None:  # refuse now rather than after training
         baseline_results(cfg.report.baseline, spec.task_names)
     model = method.build(spec, backbone_weights=cfg.model.weights)
+    model.to(device)  # in place: the parameters a method's own optimiser holds (alpha) move with it
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    move_parameters(weighting.parameters(), device)
+    precision = MixedPrecision(cfg.train.amp, device)
+    precision.attach(model)
     groups = method.param_groups(model)
     if weighting.parameters():
         groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0})  # sigmas, GradNorm weights
@@ -148,44 +166,84 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState
         save_config(cfg, run.config_path)  # the safe changes --set made (see trainer/resume.py)
     else:
         run.create(cfg)
+    run.run_info_path.write_text(json.dumps({**describe(device), "amp": cfg.train.amp,
+                                             "channels_last": cfg.train.channels_last}, indent=2) + "\n")
     spec.save(run.arch_path)
-    return RunState(cfg, run, spec, method, model, tasks, datasets, loaders, optimizer, weighting)
+    return RunState(cfg, run, spec, method, model, tasks, datasets, loaders, optimizer, weighting,
+                    device=device, precision=precision)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: SplitLoader, tasks: list) -> dict[str, dict[str, float]]:
-    """Each task's metrics over a whole split, plus its mean ``loss`` (NormGain_L needs it)."""
+def evaluate(model: nn.Module, data: SplitLoader, tasks: list, state: RunState | None = None) -> dict[str, dict[str, float]]:
+    """Each task's metrics over a whole split, plus its mean ``loss`` (NormGain_L needs it).
+
+    ``state``: a training run's (its device, memory format and autocast); without one the batches
+    are used as the loader gives them (the compiler scores an ONNX network this way)."""
     was_training = model.training
     model.eval()
     meters = {t.name: t.new_meter() for t in tasks}
-    loss_sums = {t.name: 0.0 for t in tasks}
+    loss_sums: dict = {t.name: 0.0 for t in tasks}  # float64 tensors on the device once a batch is in
     dataset = data.dataset
     for _, images, targets in data.epoch(0):
-        outputs = model(images)
+        if state is not None:
+            images, targets = state.to_device(images, targets)
+        with state.precision.autocast() if state is not None else contextlib.nullcontext():
+            outputs = model(images)
         for t in tasks:
             meters[t.name].update(outputs[t.name], targets[t.target])
-            loss_sums[t.name] += float(t.loss(outputs[t.name], targets[t.target])) * len(images)
+            loss_sums[t.name] += t.loss(outputs[t.name], targets[t.target]).detach().double() * len(images)
     model.train(was_training)
-    return {name: {**meter.compute(), "loss": loss_sums[name] / len(dataset)} for name, meter in meters.items()}
+    return {name: {**meter.compute(), "loss": float(loss_sums[name]) / len(dataset)} for name, meter in meters.items()}
+
+
+def forward_losses(state: RunState, images: torch.Tensor, targets: dict) -> dict[str, torch.Tensor]:
+    """The method's task losses on a batch already on the device (forward and losses in autocast)."""
+    with state.precision.autocast():
+        outputs = state.model(images)
+        return state.method.task_losses(state.model, outputs, targets, state.tasks)
+
+
+def update(state: RunState, losses: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, float]:
+    """The strategy's backward pass of ``losses`` and the optimiser step (through the fp16 scaler
+    when there is one); returns the strategy's values to log."""
+    model = state.model
+    ctx = StepContext(
+        shared_params=list(model.shared_parameters()) if hasattr(model, "shared_parameters") else [],
+        shared_features=list(getattr(model, "shared_features", [])),
+        primary=state.spec.primary,
+        auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary],
+        epoch=epoch, step=step, loss_scale=state.precision.loss_scale(),
+    )
+    state.optimizer.zero_grad(set_to_none=True)
+    weight_logs = state.weighting.backward(losses, ctx)
+    state.precision.step(state.optimizer)
+    return weight_logs
+
+
+def weight_step(state: RunState, images: torch.Tensor, targets: dict, epoch: int, step: int
+                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One whole weight update on a batch (no non-finite guard: tests and benchmarks); returns the
+    losses and the strategy's values to log."""
+    losses = forward_losses(state, images, targets)
+    return losses, update(state, losses, epoch, step)
 
 
 class NonFiniteLoss(ValueError):
     """A task's loss became NaN or inf during training (``train.on_nonfinite: stop``)."""
 
 
-def _nonfinite_task(losses: dict[str, torch.Tensor]) -> str | None:
-    """The first task whose loss is NaN/inf (one device sync for all tasks), or None."""
-    values = torch.stack([loss.detach().float() for loss in losses.values()])
-    if bool(torch.isfinite(values).all()):
-        return None
-    return next(name for name, ok in zip(losses, torch.isfinite(values).tolist()) if not ok)
+def loss_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each task's loss as a Python float, read from the device in one transfer: the step's one
+    host sync, which the non-finite guard needs before the update anyway."""
+    return dict(zip(losses, torch.stack([loss.detach() for loss in losses.values()]).double().tolist()))
 
 
 def trainer_state(state: RunState, cursor: EpochCursor) -> dict:
     """Everything besides the weights that a resume restores (see :mod:`taskfold.trainer.checkpoint`)."""
     return {"cursor": cursor_state(cursor), "optimizer": state.optimizer.state_dict(),
             "method": state.method.state_dict(state.model), "weighting": state.weighting.state_dict(),
-            "rng": rng_state(), "metrics_bytes": state.run.metrics_path.stat().st_size}
+            "rng": rng_state(), "metrics_bytes": state.run.metrics_path.stat().st_size,
+            "precision": state.precision.state_dict()}
 
 
 def restore(state: RunState, saved: dict) -> None:
@@ -194,6 +252,7 @@ def restore(state: RunState, saved: dict) -> None:
     state.optimizer.load_state_dict(saved["optimizer"])
     state.method.load_state_dict(state.model, saved["method"])
     state.weighting.load_state_dict(saved["weighting"])
+    state.precision.load_state_dict(saved.get("precision", {}))
     set_rng_state(saved["rng"])
 
 
@@ -223,35 +282,27 @@ def _train_epoch(state: RunState, cursor: EpochCursor, total_steps: int, saved: 
     model.train()
     for kind, images, targets in train.epoch(epoch, skip=cursor.consumed):
         cursor.consumed += 1
+        images, targets = state.to_device(images, targets)
         progress = Progress(epoch, cfg.train.epochs, cursor.step, total_steps)
         if kind == ARCH:
-            arch_logs = method.arch_step(model, images, targets, state.tasks, progress)
+            with state.precision.arch_autocast():
+                arch_logs = method.arch_step(model, images, targets, state.tasks, progress)
             continue
         cursor.weight_index += 1
         bar.update()
-        outputs = model(images)
-        losses = method.task_losses(model, outputs, targets, state.tasks)
-        bad = _nonfinite_task(losses)
+        losses = forward_losses(state, images, targets)
+        values = loss_values(losses)
+        bad = next((name for name, value in values.items() if not math.isfinite(value)), None)
         if bad is not None:
-            _on_nonfinite(state, cursor, bad, float(losses[bad].detach()))
+            _on_nonfinite(state, cursor, bad, values[bad])
             continue
-        ctx = StepContext(
-            shared_params=list(model.shared_parameters()) if hasattr(model, "shared_parameters") else [],
-            shared_features=list(getattr(model, "shared_features", [])),
-            primary=state.spec.primary,
-            auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary],
-            epoch=epoch, step=cursor.step,
-        )
-        state.optimizer.zero_grad(set_to_none=True)
-        weight_logs = state.weighting.backward(losses, ctx)
-        state.optimizer.step()
-        for name, loss in losses.items():
-            value = float(loss.detach())
+        weight_logs = update(state, losses, epoch, cursor.step)
+        for name, value in values.items():
             cursor.sums[name] = cursor.sums.get(name, 0.0) + value
             cursor.epoch_sums[name] = cursor.epoch_sums.get(name, 0.0) + value
         cursor.step += 1
         cursor.count += 1
-        state.last_finite = (cursor.step, sum(float(v.detach()) for v in losses.values()))
+        state.last_finite = (cursor.step, sum(values.values()))
         if cursor.step % cfg.train.log_every == 0 or cursor.weight_index == n_weight - 1:
             mean = {k: v / cursor.count for k, v in cursor.sums.items()}
             bar.set_postfix(loss=f"{sum(mean.values()):.3f}")
@@ -299,7 +350,7 @@ def fit(state: RunState, cursor: EpochCursor | None = None, saved: dict | None =
         saved = None
         record = {"type": "epoch", "epoch": epoch, "step": cursor.step, "seconds": time.perf_counter() - start}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
-            record["val"] = evaluate(state.model, state.loaders["val"], state.tasks)
+            record["val"] = evaluate(state.model, state.loaders["val"], state.tasks, state)
         state.run.log(record)
         cursor = EpochCursor(epoch=epoch + 1, step=cursor.step, epoch_start_step=cursor.step,
                              plan_generator=train.batches.generator.get_state())
@@ -308,7 +359,7 @@ def fit(state: RunState, cursor: EpochCursor | None = None, saved: dict | None =
 
 def finish(state: RunState) -> dict:
     """Test metrics, the method's read-off into arch.json; returns a summary."""
-    test = evaluate(state.model, state.loaders["test"], state.tasks)
+    test = evaluate(state.model, state.loaders["test"], state.tasks, state)
     state.spec.decision = state.method.read_off(state.model)
     state.spec.save(state.run.arch_path)
     state.run.log({"type": "test", "test": test})

@@ -21,8 +21,10 @@ from taskfold.trainer.methods import create_method
 from taskfold.trainer.rundir import RunDir
 from taskfold.trainer.runlock import folder_lock
 
-# Fields a resume may change: how long to train, what to log and when, and the benchmark.
-SAFE_FIELDS = ("train.epochs", "train.progress", "train.log_every", "train.eval_every", "train.checkpoint_every",
+# Fields a resume may change: how long to train, what to log and when, the device (e.g. another
+# GPU), and the benchmark.
+SAFE_FIELDS = ("train.epochs", "train.progress", "train.device", "train.log_every", "train.eval_every",
+               "train.checkpoint_every",
                "bench", "report", "compile")
 
 

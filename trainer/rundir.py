@@ -1,4 +1,4 @@
-"""The run directory contract: config.yaml, arch.json, checkpoints/, metrics.jsonl, report.md.
+"""The run directory contract: config.yaml, run_info.json, arch.json, checkpoints/, metrics.jsonl, report.md.
 
 Checkpoints are written to a temporary name and renamed into place, so an interrupted run never
 leaves a half-written file where a reader (the compiler, a resumed run) expects a whole one.
@@ -36,6 +36,11 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def run_info_path(self) -> Path:
+        """Where the run trained: the resolved device (and its name on CUDA), amp, channels_last, torch."""
+        return self.path / "run_info.json"
 
     @property
     def metrics_path(self) -> Path:

@@ -28,6 +28,9 @@ class StepContext:
     primary: the primary task names (all tasks when the config names no primary).
     auxiliary: the auxiliary task names (possibly empty).
     epoch, step: progress, for strategies with schedules (DWA uses per-epoch loss history).
+    loss_scale: the fp16 GradScaler's scale (a 0-dim tensor on the device), None without one.
+        Every backward pass of a strategy goes through :meth:`backward` (or the gradient plumbing
+        of ``grads.py``, which divides the scale out of the per-task gradients a rule sees).
     """
 
     shared_params: list[nn.Parameter]
@@ -36,6 +39,15 @@ class StepContext:
     auxiliary: list[str] = field(default_factory=list)
     epoch: int = 0
     step: int = 0
+    loss_scale: torch.Tensor | None = None
+
+    def scaled(self, total: torch.Tensor) -> torch.Tensor:
+        """``total`` times the loss scale (itself without one)."""
+        return total if self.loss_scale is None else total * self.loss_scale
+
+    def backward(self, total: torch.Tensor) -> None:
+        """``total.backward()``, loss-scaled under fp16 (``GradScaler.step`` unscales every grad)."""
+        self.scaled(total).backward()
 
 
 class WeightingStrategy(Protocol):

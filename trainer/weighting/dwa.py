@@ -47,7 +47,7 @@ class DynamicWeightAverage(StrategyBase):
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         weights = self.weights()
         scaled = scale_losses(losses, self.task_weights)
-        sum(weights[t] * loss for t, loss in scaled.items()).backward()
+        ctx.backward(sum(weights[t] * loss for t, loss in scaled.items()))
         return {f"weight/{t}": w for t, w in weights.items()}
 
     def end_epoch(self, epoch_losses: dict[str, float]) -> None:

@@ -20,5 +20,5 @@ class EqualWeighting(StrategyBase):
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         total = sum(self.task_weights.get(t, 1.0) * loss for t, loss in losses.items())
-        total.backward()
+        ctx.backward(total)
         return {}

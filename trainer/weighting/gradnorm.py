@@ -58,16 +58,17 @@ class GradNorm(GradientStrategy):
         with torch.no_grad():
             self.weights.clamp_(min=1e-6)
             self.weights.mul_(len(self.tasks) / self.weights.sum())
-        current = torch.tensor([float(scaled[t].detach()) for t in names], dtype=torch.float64)
+        current = torch.stack([scaled[t].detach() for t in names]).to("cpu", torch.float64)
         if self.initial_losses is None:
             self.initial_losses = current.clamp(min=1e-12)
-        w = self.weights.detach().to(torch.float64)[index]
+        w = self.weights.detach().to("cpu", torch.float64)[index]
 
         def rule(gram: torch.Tensor) -> torch.Tensor:
             grad = gradnorm_weight_grad(w, gram.diagonal().clamp(min=0).sqrt(),
                                         current / self.initial_losses[index], self.alpha)
-            full = torch.zeros(len(self.tasks), dtype=torch.float32)
-            full[index] = grad.float()
+            full = torch.zeros_like(self.weights)
+            full[index] = grad.to(full)
+            full = ctx.scaled(full)  # set directly, so scaled like every other grad the GradScaler unscales
             self.weights.grad = full if self.weights.grad is None else self.weights.grad + full
             return w
 

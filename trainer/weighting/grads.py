@@ -59,6 +59,7 @@ class SharedPart:
     def __init__(self, ctx: StepContext, on: str) -> None:
         check_choice("on", on, ON_CHOICES)
         self.on = on
+        self.ctx = ctx
         source = ctx.shared_params if on == "params" else ctx.shared_features
         self.probes = [t for t in source if t.requires_grad]
         if on == "features" and not self.probes and any(p.requires_grad for p in ctx.shared_params):
@@ -71,15 +72,18 @@ class SharedPart:
         return not self.probes
 
     def task_grads(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``[T, n]``: each loss's gradient on the probes, flattened (zeros where it does not reach)."""
+        """``[T, n]``: each loss's gradient on the probes, flattened (zeros where it does not reach),
+        in float32 (features from an autocast forward are bf16/fp16) and unscaled (under fp16 the
+        losses are differentiated loss-scaled, so small gradients survive, then divided back)."""
         rows = []
         for loss in losses:
             grads: Sequence[torch.Tensor | None] = [None] * len(self.probes)
             if loss.requires_grad:
-                grads = torch.autograd.grad(loss, self.probes, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                grads = torch.autograd.grad(self.ctx.scaled(loss), self.probes, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float()
                                    for p, g in zip(self.probes, grads)]))
-        return torch.stack(rows)
+        grads = torch.stack(rows)
+        return grads if self.ctx.loss_scale is None else grads / self.ctx.loss_scale
 
     def backward(self, grads: torch.Tensor, beta: torch.Tensor, rest_total: torch.Tensor) -> None:
         """One ``rest_total.backward()`` in which the gradient arriving at each probe is replaced by
@@ -92,7 +96,7 @@ class SharedPart:
         the later one and replaces it with its own combination, which is exactly what the chain
         rule gives for ``sum_t beta_t L_t`` there, so nothing is counted twice.
         """
-        combined = beta.to(grads.device, grads.dtype) @ grads
+        combined = self.ctx.scaled(beta.to(grads.device, grads.dtype) @ grads)
         handles, offset = [], 0
         for probe in self.probes:
             piece = combined[offset:offset + probe.numel()].view_as(probe)
@@ -100,7 +104,7 @@ class SharedPart:
             handles.append(probe.register_hook(lambda grad, piece=piece: piece.to(grad.dtype)))
         try:
             if rest_total.requires_grad:
-                rest_total.backward()
+                self.ctx.backward(rest_total)
         finally:
             for handle in handles:
                 handle.remove()
@@ -120,18 +124,21 @@ def combined_backward(losses: dict[str, torch.Tensor], ctx: StepContext, on: str
     part = SharedPart(ctx, on)
     if part.empty:
         if isinstance(rest_total, torch.Tensor) and rest_total.requires_grad:
-            rest_total.backward()
+            ctx.backward(rest_total)
         return None
     grads = part.task_grads([losses[t] for t in names])
     gram = (grads @ grads.T).detach().to("cpu", torch.float64)
-    beta = rule(gram)
+    if ctx.loss_scale is not None and not bool(torch.isfinite(gram).all()):
+        # fp16 overflow: the rule never sees it; the inf/NaN reaches the probes' .grad and the
+        # GradScaler skips this step and lowers the scale.
+        beta = torch.ones(len(names), dtype=torch.float64)
+    else:
+        beta = rule(gram)
     part.backward(grads, beta, rest_total)
     return beta
 
 
 def strategy_parameter(values: list[float]) -> nn.Parameter:
-    """A strategy's own learnable vector (one entry per task), kept in float32 on the CPU.
-
-    Its 0-dim entries mix with losses on any device (PyTorch treats 0-dim CPU tensors as scalars).
-    """
+    """A strategy's own learnable vector (one entry per task), in float32; made on the CPU, the
+    training loop moves it to the run's device with the network."""
     return nn.Parameter(torch.tensor(values, dtype=torch.float32))

@@ -81,7 +81,7 @@ class ImpartialAuxiliaryLearning(GradientStrategy):
         scaled = scale_losses(losses, self.task_weights)
         names = list(scaled)
         primary = primary_index(names, ctx)
-        sigma = self.log_sigma.detach().exp().to(torch.float64)[[self.tasks.index(t) for t in names]]
+        sigma = self.log_sigma.detach().exp().to("cpu", torch.float64)[[self.tasks.index(t) for t in names]]
         f_sigma = auxiliary_weight(sigma, self.g)
         decoder_objective = uncertainty_objective(scaled, self.log_sigma, self.tasks)
         combined_backward(scaled, ctx, self.on, lambda gram: ial_coefficients(gram, primary, f_sigma),

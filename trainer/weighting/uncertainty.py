@@ -54,5 +54,5 @@ class UncertaintyWeighting(StrategyBase):
         return [self.log_sigma]
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
-        uncertainty_objective(scale_losses(losses, self.task_weights), self.log_sigma, self.tasks).backward()
+        ctx.backward(uncertainty_objective(scale_losses(losses, self.task_weights), self.log_sigma, self.tasks))
         return sigma_logs(self.log_sigma, self.tasks)
