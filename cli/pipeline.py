@@ -34,6 +34,8 @@ def run_pipeline(cfg: Config | None, run_dir: Path, *, started: Callable[[], Non
     from taskfold.trainer.rundir import RunDir
 
     top = run_dir
+    if cfg is not None:
+        _check_compile_targets(cfg)  # before training: the compile at the end would refuse
     if resume is None:
         summary, run_dir = train_stages(cfg, run_dir, started=started)
     else:
@@ -54,6 +56,20 @@ def run_pipeline(cfg: Config | None, run_dir: Path, *, started: Callable[[], Non
     report = write_run_reports(top)
     return {"run_dir": str(run_dir), "bundle": str(bundle), "report": str(report),
             "test": summary["test"], "cost": manifest["cost"], "latency": rows}
+
+
+def _check_compile_targets(cfg: Config) -> None:
+    """A GPU compile target on a machine that cannot build it is refused before training starts."""
+    from taskfold.compiler.errors import CompileError
+    from taskfold.compiler.tensorrt import tensorrt_unavailable_reason
+    from taskfold.compiler.torch_trt import torch_tensorrt_unavailable_reason
+
+    for wanted, why_not in ((cfg.compile.tensorrt, tensorrt_unavailable_reason),
+                            (cfg.compile.torch_tensorrt, torch_tensorrt_unavailable_reason)):
+        reason = why_not() if wanted else None
+        if reason is not None:
+            raise CompileError(f"{reason} (the recipe's compile stage would fail after training; "
+                               "set compile.tensorrt: false or run on a CUDA machine)")
 
 
 def _bundle_manifest(run) -> dict | None:

@@ -115,9 +115,9 @@ def _overwrite_with_a_typo(tmp: Path, run: Path, bundle: Path) -> list[str]:
             "--set", "model.backbone=resnet1O"]
 
 
-def _train_with(*sets: str) -> Callable[..., list[str]]:
+def _train_with(*sets: str, command: str = "train") -> Callable[..., list[str]]:
     def prepare(tmp: Path, run: Path, bundle: Path) -> list[str]:
-        return ["train", DEMO, "-o", str(tmp / "r"), "--quiet", *[a for s in sets for a in ("--set", s)]]
+        return [command, DEMO, "-o", str(tmp / "r"), "--quiet", *[a for s in sets for a in ("--set", s)]]
     return prepare
 
 
@@ -153,7 +153,22 @@ CASES = {
     "compile -o .": (_compile_into_cwd, "over the current directory"),
     "compile -o RUN": (_compile_into_the_run, "that is the run directory"),
     "flops on a 0-byte .onnx": (_empty_onnx, "not an ONNX model"),
+    # Fields the pipeline used to meet only after training: refused before any work.
+    "bench.threads: 0": (_train_with("bench.threads=0", command="run"), "threads >= 1"),
+    "bench.iters: 0": (_train_with("bench.iters=0", command="run"), "need iters >= 1"),
+    "compile.parity_tol: -1": (_train_with("compile.parity_tol=-1", command="run"), "parity_tol: must be a finite"),
 }
+
+
+def _cuda_missing() -> bool:
+    from taskfold.compiler.tensorrt import tensorrt_unavailable_reason
+
+    return tensorrt_unavailable_reason() is not None
+
+
+if _cuda_missing():  # on a GPU machine this recipe is valid and would train
+    CASES["run with compile.tensorrt and no CUDA"] = (_train_with("compile.tensorrt=true", command="run"),
+                                                      "needs CUDA")
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -317,6 +317,12 @@ def _check(cfg: Config, problems: list[str]) -> None:
     if cfg.train.amp not in AMP_CHOICES:
         problems.append(f"train.amp: expected one of {', '.join(AMP_CHOICES)}, got {cfg.train.amp!r}")
     _check_compile(cfg.compile, problems)
+    b = cfg.bench
+    if b.iters < 1 or b.warmup < 0 or (b.threads is not None and b.threads < 1):
+        problems.append(f"bench: need iters >= 1, warmup >= 0 and threads >= 1 (or null), got iters={b.iters}, "
+                        f"warmup={b.warmup}, threads={b.threads}")
+    if not (cfg.compile.parity_tol >= 0 and math.isfinite(cfg.compile.parity_tol)):
+        problems.append(f"compile.parity_tol: must be a finite number >= 0, got {cfg.compile.parity_tol}")
     if any(b < 1 for b in cfg.bench.batches):
         problems.append(f"bench.batches: every batch size must be >= 1, got {cfg.bench.batches}")
 
