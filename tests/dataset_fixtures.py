@@ -1,7 +1,8 @@
 """Tiny copies of the papers' datasets, written in exactly their on-disk formats (see
 trainer/data/{mtan,celeba,taskonomy,pascal_context}.py and ../shared/DATASETS.md), with a few
 known values the tests check after decoding. Images are 16 x 16 (CelebA 22 x 18) so that a
-``data.size`` of 16 leaves every pixel where it was."""
+``data.size`` of 16 leaves every pixel where it was; ``side``/``shape`` write them at another size
+(benchmarks/bench_loaders.py: the recipes' resolutions)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,16 +17,16 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def write_nyuv2(root: Path, counts=(("train", 4), ("val", 2))) -> Path:
+def write_nyuv2(root: Path, counts=(("train", 4), ("val", 2)), side: int = SIDE) -> Path:
     """Sample 0 of train: label -1 at (0, 0), depth 2.5 m at (3, 4), 0 (invalid) at (5, 5),
     normal (0.6, 0, 0.8) at (3, 4), zero at (5, 5)."""
     for split, n in counts:
         for i in range(n):
             rng = _rng(i + (100 if split == "val" else 0))
-            image = rng.random((SIDE, SIDE, 3)).astype(np.float32)
-            label = rng.integers(0, 13, (SIDE, SIDE)).astype(np.float32)
-            depth = rng.uniform(0.5, 9.0, (SIDE, SIDE, 1)).astype(np.float32)
-            normal = rng.normal(size=(SIDE, SIDE, 3)).astype(np.float32)
+            image = rng.random((side, side, 3)).astype(np.float32)
+            label = rng.integers(0, 13, (side, side)).astype(np.float32)
+            depth = rng.uniform(0.5, 9.0, (side, side, 1)).astype(np.float32)
+            normal = rng.normal(size=(side, side, 3)).astype(np.float32)
             normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
             label[0, 0] = -1
             depth[3, 4, 0], depth[5, 5, 0] = 2.5, 0.0
@@ -36,15 +37,15 @@ def write_nyuv2(root: Path, counts=(("train", 4), ("val", 2))) -> Path:
     return root
 
 
-def write_cityscapes(root: Path, label_folder: str = "label_7", classes: int = 7) -> Path:
+def write_cityscapes(root: Path, label_folder: str = "label_7", classes: int = 7, side: int = SIDE) -> Path:
     """Sample 0 of train: label -1 at (0, 0); disparity 0.25 at (2, 3), 0 (invalid) at (4, 4)."""
     for split, n in (("train", 4), ("val", 2)):
         for i in range(n):
             rng = _rng(i + 7)
-            label = rng.integers(0, classes, (SIDE, SIDE)).astype(np.float32)
-            disparity = rng.uniform(0.01, 0.49, (SIDE, SIDE, 1)).astype(np.float32)
+            label = rng.integers(0, classes, (side, side)).astype(np.float32)
+            disparity = rng.uniform(0.01, 0.49, (side, side, 1)).astype(np.float32)
             label[0, 0], disparity[2, 3, 0], disparity[4, 4, 0] = -1, 0.25, 0.0
-            for folder, array in (("image", rng.random((SIDE, SIDE, 3)).astype(np.float32)),
+            for folder, array in (("image", rng.random((side, side, 3)).astype(np.float32)),
                                   (label_folder, label), ("depth", disparity)):
                 (root / split / folder).mkdir(parents=True, exist_ok=True)
                 np.save(root / split / folder / f"{i}.npy", array)
@@ -59,14 +60,14 @@ def celeba_row(i: int) -> list[int]:
     return [1 if (i + k) % 3 == 0 else -1 for k in range(len(CELEBA_NAMES))]
 
 
-def write_celeba(root: Path, n: int = 6) -> Path:
+def write_celeba(root: Path, n: int = 6, shape: tuple[int, int] = (22, 18)) -> Path:
     """Images 000001..n; partition: 1-3 train, 4-5 val, 6.. test. Images are 18 wide, 22 high."""
     (root / "img_align_celeba").mkdir(parents=True)
     attr = [str(n), " ".join(CELEBA_NAMES)]
     partition = []
     for i in range(1, n + 1):
         name = f"{i:06d}.jpg"
-        pixels = np.full((22, 18, 3), 40 * (i % 5), np.uint8)
+        pixels = np.full((*shape, 3), 40 * (i % 5), np.uint8)
         pixels[:2], pixels[-2:] = 255, 255  # rows the centre crop removes
         Image.fromarray(pixels).save(root / "img_align_celeba" / name, quality=95)
         attr.append(name + "  " + " ".join(f"{v:2d}" for v in celeba_row(i)))
@@ -79,7 +80,7 @@ def write_celeba(root: Path, n: int = 6) -> Path:
 TASKONOMY_BUILDINGS = {"train": ["allensville", "beechwood"], "val": ["collierville"], "test": ["darden"]}
 
 
-def write_taskonomy(root: Path, per_building: int = 2) -> Path:
+def write_taskonomy(root: Path, per_building: int = 2, side: int = SIDE) -> Path:
     """First train image (allensville, point_0): depth raw 1024 (2 m) at (1, 2), raw 9000 (masked) at
     (3, 3); segment_semantic 0 at (0, 0) and 5 at (1, 1); keypoints2d 150 at (2, 2);
     edge_texture 718 at (2, 2); normal RGB (255, 127, 0) at (1, 2)."""
@@ -89,16 +90,16 @@ def write_taskonomy(root: Path, per_building: int = 2) -> Path:
             for p in range(per_building):
                 rng = _rng(10 * b + p)
                 stem = f"point_{p}_view_0_domain_"
-                depth = rng.integers(300, 6000, (SIDE, SIDE)).astype(np.uint16)
+                depth = rng.integers(300, 6000, (side, side)).astype(np.uint16)
                 depth[1, 2], depth[3, 3] = 1024, 9000
-                seg = rng.integers(1, 18, (SIDE, SIDE)).astype(np.uint8)
+                seg = rng.integers(1, 18, (side, side)).astype(np.uint8)
                 seg[0, 0], seg[1, 1] = 0, 5
-                keypoints = rng.integers(0, 400, (SIDE, SIDE)).astype(np.uint16)
-                edges = rng.integers(0, 3000, (SIDE, SIDE)).astype(np.uint16)
+                keypoints = rng.integers(0, 400, (side, side)).astype(np.uint16)
+                edges = rng.integers(0, 3000, (side, side)).astype(np.uint16)
                 keypoints[2, 2], edges[2, 2] = 150, 718
-                normal = rng.integers(0, 256, (SIDE, SIDE, 3)).astype(np.uint8)
+                normal = rng.integers(0, 256, (side, side, 3)).astype(np.uint8)
                 normal[1, 2] = (255, 127, 0)
-                images = {"rgb": rng.integers(0, 256, (SIDE, SIDE, 3)).astype(np.uint8), "depth_zbuffer": depth,
+                images = {"rgb": rng.integers(0, 256, (side, side, 3)).astype(np.uint8), "depth_zbuffer": depth,
                           "segment_semantic": seg, "keypoints2d": keypoints, "edge_texture": edges, "normal": normal}
                 for domain, array in images.items():
                     folder = root / domain / building
@@ -126,16 +127,16 @@ def _anno(objects: list[tuple[int, np.ndarray, list[tuple[str, np.ndarray]]]]) -
     return anno
 
 
-def pascal_label_map() -> np.ndarray:
+def pascal_label_map(side: int = SIDE) -> np.ndarray:
     """Left half class 284 (person: has normals), right half 360 (sky: none), a 4x4 block of 397
     (table) at rows/cols 2..5."""
-    label_map = np.full((SIDE, SIDE), 284, np.uint16)
-    label_map[:, SIDE // 2:] = 360
+    label_map = np.full((side, side), 284, np.uint16)
+    label_map[:, side // 2:] = 360
     label_map[2:6, 2:6] = 397
     return label_map
 
 
-def write_pascal(root: Path) -> Path:
+def write_pascal(root: Path, side: int = SIDE) -> Path:
     """Image 0 of train has a person with head (rows 0-3, cols 0-3) and torso (rows 4-7, cols 0-3)
     and a dog with parts; the others have no person. Semseg 255 at (0, 0); saliency 200 at
     (1, 1), 100 at (1, 2)."""
@@ -148,18 +149,18 @@ def write_pascal(root: Path) -> Path:
         (root / "ImageSets" / "Context" / f"{split}.txt").write_text("\n".join(ids) + "\n")
         for n, image_id in enumerate(ids):
             rng = _rng(n + 50)
-            Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3)).astype(np.uint8)).save(
+            Image.fromarray(rng.integers(0, 256, (side, side, 3)).astype(np.uint8)).save(
                 root / "JPEGImages" / f"{image_id}.jpg", quality=95)
-            seg = rng.integers(0, 21, (SIDE, SIDE)).astype(np.uint8)
+            seg = rng.integers(0, 21, (side, side)).astype(np.uint8)
             seg[0, 0] = 255
             Image.fromarray(seg, mode="L").convert("P").save(root / "semseg" / "pascal-context" / f"{image_id}.png")
-            Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3)).astype(np.uint8)).save(
+            Image.fromarray(rng.integers(0, 256, (side, side, 3)).astype(np.uint8)).save(
                 root / "normals_distill" / f"{image_id}.png")
-            sal = rng.integers(0, 256, (SIDE, SIDE)).astype(np.uint8)
+            sal = rng.integers(0, 256, (side, side)).astype(np.uint8)
             sal[1, 1], sal[1, 2] = 200, 100
             Image.fromarray(sal).save(root / "sal_distill" / f"{image_id}.png")
-            savemat(root / "pascal-context" / "trainval" / f"{image_id}.mat", {"LabelMap": pascal_label_map()})
-            head, torso, paw = (np.zeros((SIDE, SIDE), bool) for _ in range(3))
+            savemat(root / "pascal-context" / "trainval" / f"{image_id}.mat", {"LabelMap": pascal_label_map(side)})
+            head, torso, paw = (np.zeros((side, side), bool) for _ in range(3))
             head[0:4, 0:4], torso[4:8, 0:4], paw[10:12, 10:12] = True, True, True
             dog = (12, paw, [("lfleg", paw)])
             objects = [(15, head | torso, [("head", head), ("torso", torso)]), dog] if (split, n) == ("train", 0) \
