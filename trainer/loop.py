@@ -139,15 +139,15 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState
     torch.manual_seed(cfg.train.seed)
     method = create_method(cfg.method)
     BACKBONES.get(cfg.model.backbone)  # a misspelt backbone fails now, not after the datasets are built
+    names = [t.name for t in cfg.tasks]  # the weighting and the baseline are checked before any rendering
+    weighting = create_weighting(cfg.weighting, tasks=names, primary=[cfg.primary] if cfg.primary else names,
+                                 task_weights={t.name: t.weight for t in cfg.tasks})
+    if cfg.report.baseline is not None:  # refuse now rather than after training
+        baseline_results(cfg.report.baseline, names)
     datasets = build_datasets(cfg)
     loaders = build_loaders(cfg, datasets, arch_fraction=method.arch_fraction, pin_memory=device.type == "cuda")
     tasks = build_tasks(cfg, datasets["train"].info)
     spec = build_spec(cfg, tasks)
-    weighting = create_weighting(cfg.weighting, tasks=spec.task_names,
-                                 primary=[cfg.primary] if cfg.primary else spec.task_names,
-                                 task_weights={t.name: t.weight for t in cfg.tasks})
-    if cfg.report.baseline is not None:  # refuse now rather than after training
-        baseline_results(cfg.report.baseline, spec.task_names)
     model = method.build(spec, backbone_weights=cfg.model.weights)
     model.to(device)  # in place: the parameters a method's own optimiser holds (alpha) move with it
     if cfg.train.channels_last:
