@@ -28,6 +28,7 @@ class ArchSpec:
     image_size: int
     tasks: list[TaskHead]
     head_channels: int = 64
+    dense_head: str | None = None  # null: chosen from the backbone's feature metadata (default_head)
     backbone_options: dict = field(default_factory=dict)
     primary: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
