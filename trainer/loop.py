@@ -273,10 +273,6 @@ def trainer_state(state: RunState, cursor: EpochCursor) -> dict:
 
 def restore(state: RunState, saved: dict) -> None:
     """Put a checkpoint's weights and trainer state back into a freshly set-up run."""
-    saved_processes = saved.get("processes", 1)
-    if saved_processes != distributed.world_size():
-        raise ConfigError(f"cannot resume {state.run.path}: it was trained by {saved_processes} process(es); resume "
-                          f"it with the same number (got {distributed.world_size()})")
     state.run.load_weights(state.model)
     state.optimizer.load_state_dict(saved["optimizer"])
     state.method.load_state_dict(state.model, saved["method"])

@@ -64,6 +64,10 @@ def _resume_stage(cfg: Config, run: RunDir) -> dict:
     recover(run.checkpoints / "last")  # rank 0 puts a checkpoint cut mid-swap back; the other ranks wait
     distributed.barrier()
     saved = load_trainer_state(run.checkpoints / "last")
+    processes = saved.get("processes", 1)
+    if processes != distributed.world_size():  # each rank's share of a batch would change
+        raise ConfigError(f"cannot resume {run.path}: it was trained by {processes} process(es); resume it with "
+                          f"the same number (--nproc {processes}), not {distributed.world_size()}")
     with folder_lock(run.path):
         state = setup(cfg, run.path, resume=True)
         if state.run.writable:
