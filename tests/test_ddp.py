@@ -214,3 +214,27 @@ def test_nproc_with_a_bad_recipe_is_one_line(tmp_path):
     assert_user_error(run_cli("train", str(recipe), "-o", str(tmp_path / "run"), "--nproc", "2"),
                       "unknown weighting strategy 'nope'")
     assert not (tmp_path / "run").exists()
+
+
+def _two_gpus_missing() -> str | None:
+    if not torch.cuda.is_available():
+        from taskfold.runtime.cuda import cuda_unavailable_reason
+
+        return cuda_unavailable_reason() or "torch.cuda.is_available() is false"
+    if torch.cuda.device_count() < 2:
+        return f"DDP on NCCL needs 2 GPUs; this machine has {torch.cuda.device_count()}"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_two_gpus_missing() is not None, reason=str(_two_gpus_missing()))
+@pytest.mark.parametrize("method", ["aux_nas", "bmtas"])
+def test_two_gpus_nccl_with_bf16_and_the_ranks_in_agreement(method, tmp_path):
+    recipe = _recipe(tmp_path, method, data={"train_size": 48},
+                     train={"device": "cuda", "amp": "bf16", "sync_bn": True}, **METHODS[method])
+    run = tmp_path / "run"
+    _train(recipe, run, nproc=2)
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["processes"] == 2 and info["device"] == "cuda:0"
+    (processes,) = _processes_records(run)
+    assert processes["fingerprints"][0] == processes["fingerprints"][1]
