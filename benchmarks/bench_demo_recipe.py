@@ -13,7 +13,6 @@ the old demo and the spread of the per-round ratios, at each thread count, with 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_line, fixed_batch_step, paired_samples  # noqa: E402
+from common import cpu_line, fixed_batch_step, paired_samples, print_ratios  # noqa: E402
 
 DEMO = "cli/recipes/demo.yaml"
 CANDIDATES = {
@@ -50,12 +49,7 @@ def main() -> None:
                  for name, overrides in CANDIDATES.items()}
         samples = paired_samples(steps, rounds=args.rounds, per_round=1, warmup=1)
         print(f"\none weight step, batch {args.batch}, {threads} thread(s), {args.rounds} rounds")
-        base = samples["aspp (old demo)"]
-        for name, values in samples.items():
-            ratios = [v / b for v, b in zip(values, base)]
-            print(f"{name:>16}: median {statistics.median(values) * 1e3:8.1f} ms  "
-                  f"{statistics.median(values) / statistics.median(base):5.2f}× old demo  "
-                  f"(per-round {min(ratios):.2f}–{max(ratios):.2f})")
+        print_ratios(samples, "aspp (old demo)")
 
 
 if __name__ == "__main__":
