@@ -1,4 +1,4 @@
-"""What each method keeps at inference: ``STRIPPERS[method](model, spec, options) -> StripResult``.
+"""What each method keeps at inference: ``STRIPPERS[method](model, spec, *, force, reference_inputs) -> StripResult``.
 
 ``single`` and ``shared`` keep the network as trained. Methods with searched parts register a
 stripper that removes what inference does not need (auxiliary branches, pruned heads, unused

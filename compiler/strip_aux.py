@@ -15,15 +15,16 @@ from torch import nn
 from taskfold.compiler.errors import CompileError
 from taskfold.compiler.strip import STRIPPERS, StripResult
 from taskfold.models.arch import ArchSpec
-from taskfold.models.nets.aux import AUX_METHODS, PRIMARY, AuxNet
+from taskfold.models.nets.aux import AUX_METHODS, PRIMARY, AuxNet, AuxNetOptions
+from taskfold.models.nets.registry import network_options
 
 
-def strip_aux(model: nn.Module, spec: ArchSpec, *, force: bool = False, reference_inputs: torch.Tensor,
-              options: dict | None = None) -> StripResult:
+def strip_aux(model: nn.Module, spec: ArchSpec, *, force: bool = False, reference_inputs: torch.Tensor
+              ) -> StripResult:
     if spec.method not in AUX_METHODS or not isinstance(model, AuxNet):
         raise CompileError(f"the auxiliary-branch stripper needs a run of {', '.join(AUX_METHODS)}; "
                            f"this run was trained with method {spec.method!r}")
-    threshold = float((options or {}).get("strip_threshold", 1e-2))
+    threshold = network_options(AuxNetOptions, spec.options).strip_threshold
     with torch.no_grad():
         alpha_p = model.alpha_values("P")
     max_alpha_p = float(alpha_p.max()) if alpha_p.numel() else 0.0

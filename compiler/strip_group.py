@@ -15,8 +15,8 @@ from taskfold.models.nets.group import GroupNet
 
 
 @STRIPPERS.register("dmtg")
-def strip_group(model: nn.Module, spec: ArchSpec, *, force: bool = False, reference_inputs: torch.Tensor,
-                options: dict | None = None) -> StripResult:
+def strip_group(model: nn.Module, spec: ArchSpec, *, force: bool = False, reference_inputs: torch.Tensor
+                ) -> StripResult:
     if not isinstance(model, GroupNet):
         raise CompileError(f"the group pruner needs a dmtg run; this run was trained with method {spec.method!r}")
     model.eval()

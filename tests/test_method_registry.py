@@ -98,9 +98,9 @@ def test_method_trains_reads_off_round_trips_strips_and_exports(name, batch, tmp
     stripper = STRIPPERS.get(name)
     if name == "bmtas":  # a supergraph is never compiled: its follow-up retrain is (case bmtas_retrain)
         with pytest.raises(CompileError, match="retrain"):
-            stripper(rebuilt, loaded, force=True, reference_inputs=images, options=loaded.options)
+            stripper(rebuilt, loaded, force=True, reference_inputs=images)
         return
-    result = stripper(rebuilt, loaded, force=True, reference_inputs=images, options=loaded.options)
+    result = stripper(rebuilt, loaded, force=True, reference_inputs=images)
     assert result.outputs and set(result.outputs) <= set(TASKS)
     bundle = write_bundle(tmp_path / "bundle", model=result.model, name=name, method=name,
                           input_shape=(1, 3, SIZE, SIZE), mean=[0.0] * 3, std=[1.0] * 3,

@@ -8,6 +8,7 @@ goes through the Method contract; nothing here knows about a particular method.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.backbones import BACKBONES
 from taskfold.models.layers.sync_batchnorm import convert_sync_batchnorm
+from taskfold.models.modes import eval_mode
 from taskfold.trainer import distributed
 from taskfold.trainer.amp import MixedPrecision
 from taskfold.trainer.checkpoint import EpochCursor, cursor_state, rng_state, set_rng_state
@@ -103,7 +105,9 @@ def build_tasks(cfg: Config, info) -> list:
     return tasks
 
 
-def build_spec(cfg: Config, tasks: list) -> ArchSpec:
+def build_spec(cfg: Config, tasks: list, method: Method) -> ArchSpec:
+    """What arch.json records: the network's description with the method's options resolved
+    (every field, defaults included: see models/arch.py)."""
     return ArchSpec(
         method=cfg.method_name,
         backbone=cfg.model.backbone,
@@ -112,7 +116,7 @@ def build_spec(cfg: Config, tasks: list) -> ArchSpec:
         head_channels=cfg.model.head_channels,
         backbone_options=dict(cfg.model.options),
         primary=[cfg.primary] if cfg.primary else [t.name for t in tasks],
-        options=cfg.method_options,
+        options=dataclasses.asdict(method.options),
     )
 
 
@@ -154,7 +158,7 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState
     datasets = build_datasets(cfg)
     loaders = build_loaders(cfg, datasets, arch_fraction=method.arch_fraction, pin_memory=device.type == "cuda")
     tasks = build_tasks(cfg, datasets["train"].info)
-    spec = build_spec(cfg, tasks)
+    spec = build_spec(cfg, tasks, method)
     model = method.build(spec, backbone_weights=cfg.model.weights)
     distributed.broadcast_module(model)  # every rank starts from rank 0's network (DDP's start-up broadcast)
     if cfg.train.sync_bn and distributed.active():
@@ -195,21 +199,19 @@ def evaluate(model: nn.Module, data: SplitLoader, tasks: list, state: RunState |
     are used as the loader gives them (the compiler scores an ONNX network this way). In a DDP run
     each rank scores its share with rank 0's BatchNorm statistics and the meters are merged, so
     every rank gets the one-process result."""
-    was_training = model.training
     distributed.broadcast_buffers(model)
-    model.eval()
     meters = {t.name: t.new_meter() for t in tasks}
     loss_sums: dict = {t.name: 0.0 for t in tasks}  # float64 tensors on the device once a batch is in
     dataset = data.dataset
-    for _, images, targets in data.epoch(0):
-        if state is not None:
-            images, targets = state.to_device(images, targets)
-        with state.precision.autocast() if state is not None else contextlib.nullcontext():
-            outputs = model(images)
-        for t in tasks:
-            meters[t.name].update(outputs[t.name], targets[t.target])
-            loss_sums[t.name] += t.loss(outputs[t.name], targets[t.target]).detach().double() * len(images)
-    model.train(was_training)
+    with eval_mode(model):
+        for _, images, targets in data.epoch(0):
+            if state is not None:
+                images, targets = state.to_device(images, targets)
+            with state.precision.autocast() if state is not None else contextlib.nullcontext():
+                outputs = model(images)
+            for t in tasks:
+                meters[t.name].update(outputs[t.name], targets[t.target])
+                loss_sums[t.name] += t.loss(outputs[t.name], targets[t.target]).detach().double() * len(images)
     meters = distributed.merge_meters(meters)
     losses = distributed.sum_over_ranks(torch.tensor([float(loss_sums[name]) for name in meters], dtype=torch.float64))
     return {name: {**meter.compute(), "loss": float(loss) / len(dataset)}

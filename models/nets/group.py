@@ -19,6 +19,7 @@ them too (each head copy owns its parameters).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ from taskfold.models.backbones import create_backbone
 from taskfold.models.errors import ModelError
 from taskfold.models.layers.heads import create_head, default_head
 from taskfold.models.layers.stacked_heads import StackedMLPHead
-from taskfold.models.nets.registry import NETWORKS
+from taskfold.models.nets.registry import NETWORKS, network_options
+from taskfold.models.weights import sub_state
 
 
 def run_blocks(blocks, x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -41,12 +43,24 @@ def run_blocks(blocks, x: Tensor) -> tuple[Tensor, list[Tensor]]:
     return x, features
 
 
+@dataclass
+class GroupNetOptions:
+    """What a GroupNet is built with (DMTG's Options extend it)."""
+
+    num_groups: int = 2  # K: at most this many groups
+    stem_blocks: int = 0  # backbone blocks shared by every group before the branches
+    head_hidden: int = 0  # hidden width of a global task's MLP head (0: linear)
+    tau: float = 2.5  # Gumbel-softmax temperature (the method anneals it)
+    hard: bool = False  # straight-through one-hot samples
+    skip_below: float = 1e-3  # soft sampling: heads with a sampled weight below this are not run
+
+
 class GroupNet(nn.Module):
     def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
         super().__init__()
-        opts = spec.options
-        self.num_groups = int(opts.get("num_groups", 2))
-        stem_blocks = int(opts.get("stem_blocks", 0))
+        opts = network_options(GroupNetOptions, spec.options)
+        self.num_groups = opts.num_groups
+        stem_blocks = opts.stem_blocks
         backbone = create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights,
                                    **spec.backbone_options)
         if self.num_groups < 1:
@@ -59,7 +73,7 @@ class GroupNet(nn.Module):
         self.branches = nn.ModuleList([copy.deepcopy(branch) for _ in range(self.num_groups)])
         info = backbone.feature_info
         size = (spec.image_size, spec.image_size)
-        hidden = int(opts.get("head_hidden", 0))
+        hidden = opts.head_hidden
         self.heads = nn.ModuleDict()
         for t in spec.tasks:
             if t.output == "global":
@@ -69,9 +83,9 @@ class GroupNet(nn.Module):
                                    channels=spec.head_channels, output_size=size)
                 self.heads[t.name] = nn.ModuleList([copy.deepcopy(head) for _ in range(self.num_groups)])
         self.group_logits = nn.Parameter(torch.zeros(len(spec.tasks), self.num_groups))
-        self.tau = float(opts.get("tau", 2.5))
-        self.hard = bool(opts.get("hard", False))
-        self.skip_below = float(opts.get("skip_below", 1e-3))
+        self.tau = opts.tau
+        self.hard = opts.hard
+        self.skip_below = opts.skip_below
         self.assignment_weights: Tensor | None = None  # Z of the last training step, (N, K)
         self.active: Tensor | None = None  # which (task, group) heads ran in the last step
         self.shared_features: list[Tensor] = []
@@ -90,18 +104,15 @@ class GroupNet(nn.Module):
         the stem and every branch (so the K branches stay identical), each task's head into all K
         of its copies. A global head loads only if it has the MTL head's shape (``head_hidden: 0``,
         a linear layer); otherwise it keeps its fresh initialisation."""
-        def part(prefix: str) -> dict[str, Tensor]:
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
         stem_blocks = len(self.stem) - 1
-        self.stem[0].load_state_dict(part("backbone.stem."))
+        self.stem[0].load_state_dict(sub_state(state, "backbone.stem."))
         for i in range(stem_blocks):
-            self.stem[1 + i].load_state_dict(part(f"backbone.blocks.{i}."))
+            self.stem[1 + i].load_state_dict(sub_state(state, f"backbone.blocks.{i}."))
         for branch in self.branches:
             for j, block in enumerate(branch):
-                block.load_state_dict(part(f"backbone.blocks.{stem_blocks + j}."))
+                block.load_state_dict(sub_state(state, f"backbone.blocks.{stem_blocks + j}."))
         for t in self.tasks:
-            head, saved = self.heads[t.name], part(f"heads.{t.name}.")
+            head, saved = self.heads[t.name], sub_state(state, f"heads.{t.name}.")
             if not saved:
                 raise ModelError(f"the naive-MTL weights have no head for task {t.name!r}")
             if not isinstance(head, StackedMLPHead):

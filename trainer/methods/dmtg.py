@@ -26,12 +26,13 @@ from torch import nn
 
 from taskfold.models.arch import ArchSpec
 from taskfold.models.nets import build_network
-from taskfold.models.nets.group import GroupNet
+from taskfold.models.nets.group import GroupNet, GroupNetOptions
+from taskfold.models.nets.registry import network_options
 from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
 from taskfold.trainer.methods.plain import Stateless, load_weights_into
 from taskfold.trainer.report import REPORT_SECTIONS, line_style, pyplot
-from taskfold.trainer.rundir import WEIGHTS, RunDir
+from taskfold.trainer.rundir import RunDir
 
 ASSIGNMENTS = ("learned", "random", "fixed")
 # A task counts as decided when its chosen group holds at least this probability; below
@@ -54,15 +55,9 @@ class DMTGMethod(Stateless):
     arch_fraction = 0.0
 
     @dataclass
-    class Options:
-        num_groups: int = 2
+    class Options(GroupNetOptions):
         max_groups: int = 16
-        stem_blocks: int = 0
-        head_hidden: int = 0
-        tau: float = 2.5
         tau_final: float | None = None
-        hard: bool = False
-        skip_below: float = 1e-3
         logits_lr: float | None = None
         assignment: str = "learned"
         assignment_seed: int = 0
@@ -99,7 +94,7 @@ class DMTGMethod(Stateless):
                               f"got {o.groups}")
         model = build_network(spec, backbone_weights=backbone_weights)
         if o.init_from is not None:
-            load_weights_into("method.init_from", RunDir(o.init_from).checkpoints / "last" / WEIGHTS, model.load_shared)
+            load_weights_into("method.init_from", RunDir(o.init_from).weights_path(), model.load_shared)
         if o.init_checkpoint is not None:
             load_weights_into("method.init_checkpoint", o.init_checkpoint, model.load_state_dict)
         if o.assignment == "random":
@@ -156,7 +151,7 @@ class DMTGMethod(Stateless):
             return None
         raw = cfg.to_dict()
         raw["method"].update(assignment="fixed", groups=[decision["assignment"][t["name"]] for t in raw["tasks"]],
-                             init_checkpoint=str(RunDir(run_dir).checkpoints / "last" / WEIGHTS),
+                             init_checkpoint=str(RunDir(run_dir).weights_path()),
                              init_from=None, finetune_epochs=0)
         raw["name"] = f"{cfg.name}-finetune"
         raw["train"]["epochs"] = o.finetune_epochs
@@ -221,5 +216,5 @@ def report_section(run: RunDir, records: list[dict]) -> list[str]:
     fig.tight_layout()
     fig.savefig(run.path / "groups.png", dpi=90)
     plt.close(fig)
-    mode = spec.options.get("assignment", "learned")
+    mode = network_options(DMTGMethod.Options, spec.options).assignment
     return ["## Task groups (DMTG)", "", *groups_summary(decision, mode), "", "![groups](groups.png)", ""]
