@@ -16,6 +16,7 @@ from taskfold.compiler.errors import CompileError
 from taskfold.compiler.strip import STRIPPERS
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.nets import NETWORKS, build_network
+from taskfold.models.nets.base import MultiTaskNetwork, SearchableNetwork
 from taskfold.runtime import load
 from taskfold.trainer.data import create_dataset
 from taskfold.trainer.data.loader import load_batch
@@ -58,6 +59,8 @@ def test_method_trains_reads_off_round_trips_strips_and_exports(name, batch, tmp
                     head_channels=8, primary=["seg"], options=dict(CASES[name]))
     method = create_method({"name": name, **CASES[name]})
     model = method.build(spec, backbone_weights=None).train()
+    assert isinstance(model, MultiTaskNetwork), "every network keeps the contract of models/nets/base.py"
+    assert isinstance(model, SearchableNetwork) or method.arch_fraction == 0, "a searching method needs arch_parameters()"
     progress = Progress(0, 1, 1, 4)
     method.start_epoch(model, progress)
 

@@ -160,6 +160,10 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState
     tasks = build_tasks(cfg, datasets["train"].info)
     spec = build_spec(cfg, tasks, method)
     model = method.build(spec, backbone_weights=cfg.model.weights)
+    if weighting.needs != "losses" and not any(p.requires_grad for p in model.shared_parameters()):
+        raise ConfigError(f"weighting {cfg.weighting['name']!r} combines the tasks' gradients on the parameters they "
+                          f"share, but method {cfg.method_name!r} shares none (it would train as a plain sum); "
+                          "use weighting: ew")
     distributed.broadcast_module(model)  # every rank starts from rank 0's network (DDP's start-up broadcast)
     if cfg.train.sync_bn and distributed.active():
         convert_sync_batchnorm(model)
@@ -173,8 +177,7 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState
     if weighting.parameters():
         groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0})  # sigmas, GradNorm weights
     optimizer = make_optimizer(cfg, groups)
-    if hasattr(method, "attach_optimizer"):  # optional: methods that reset its state (BMTAS)
-        method.attach_optimizer(optimizer)
+    method.attach_optimizer(optimizer)  # BMTAS resets its state after every architecture change
     run = RunDir(run_dir, writable=distributed.is_main())  # only rank 0 writes
     if run.writable:
         if resume:
@@ -232,8 +235,8 @@ def update(state: RunState, losses: dict[str, torch.Tensor], epoch: int, step: i
     is averaged over ranks (weighted by each rank's ``rows``) before the step."""
     model = state.model
     ctx = StepContext(
-        shared_params=list(model.shared_parameters()) if hasattr(model, "shared_parameters") else [],
-        shared_features=list(getattr(model, "shared_features", [])),
+        shared_params=list(model.shared_parameters()),
+        shared_features=list(model.shared_features),
         primary=state.spec.primary,
         auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary],
         epoch=epoch, step=step, loss_scale=state.precision.loss_scale(),

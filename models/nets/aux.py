@@ -11,7 +11,7 @@ blocks before it). Three link layouts:
   so that the auxiliary branches can be cut away at inference.
 
 Each auxiliary branch links only with the primary, so links grow linearly with K.
-:meth:`AuxNet.primary_network` returns the primary branch alone: what the compiler exports.
+:meth:`AuxNet.inference_network` returns the primary branch alone: what the compiler exports.
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ class AuxNet(nn.Module):
         self.shared_features = fused[PRIMARY]
         return {name: head(fused[b]) for b, (name, head) in enumerate(zip(self.task_order, self.heads))}
 
-    def primary_network(self) -> "StrippedPrimary":
+    def inference_network(self) -> "StrippedPrimary":
         """The primary branch alone, with alpha^P taken as zero: its fusion ops reduce to BN+ReLU."""
         norms = {int(key.split("_")[1]): op.without_inputs() for key, op in self.fusions.items()
                  if key.startswith(f"b{PRIMARY}_")}

@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from taskfold.models.arch import ArchSpec
 from taskfold.models.backbones import Backbone, create_backbone
+from taskfold.models.errors import ModelError
 from taskfold.models.modes import eval_mode
 from taskfold.models.nets.registry import NETWORKS
 from taskfold.models.nets.shared import build_heads
@@ -166,6 +167,11 @@ class BranchNet(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.stem.parameters())
+
+    def inference_network(self) -> nn.Module:
+        """A supergraph is never exported: its method retrains the derived tree (``bmtas_retrain``)."""
+        raise ModelError("a BMTAS search supergraph is not an inference network: compile the retrain stage "
+                         "(RUN/retrain), which trains the derived tree")
 
     def routing(self) -> list[list[int]]:
         """``routing[t][l]``: the copy task t takes at layer l under argmax (the derived architecture)."""

@@ -51,6 +51,10 @@ class BranchedNet(nn.Module):
         self.heads = build_heads(spec, backbone.feature_info, spec.tasks)
         self.shared_features: list[Tensor] = []
 
+    def inference_network(self) -> nn.Module:
+        """Inference keeps the derived tree as trained."""
+        return self
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """The stem and every node that all tasks share (what gradient weighting strategies see)."""
         params = list(self.stem.parameters())

@@ -14,7 +14,7 @@ runs, as the straight-through gradient on ``S`` needs every head's loss, but onl
 heads and branches no task chose run without autograd, so the backward pass costs what the
 chosen heads cost. Heads that did not run with autograd have no gradient, so the optimiser skips
 them too (each head copy owns its parameters).
-:meth:`GroupNet.pruned_network` keeps one head per task and only the branches tasks chose.
+:meth:`GroupNet.inference_network` keeps one head per task and only the branches tasks chose.
 """
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ class GroupNetOptions:
     skip_below: float = 1e-3  # soft sampling: heads with a sampled weight below this are not run
 
 
+class SampledOutputs(dict):
+    """A training forward's outputs, ``{task: (n_active, B, ...)}``, carrying the Gumbel sample they
+    were computed under: ``weights`` Z (N, K) and ``active`` (N, K), which (task, group) heads ran
+    (the rows of each task's output, in group order). DMTG's loss weighs each head's loss by Z."""
+
+    def __init__(self, outputs: dict[str, Tensor], *, weights: Tensor, active: Tensor) -> None:
+        super().__init__(outputs)
+        self.weights, self.active = weights, active
+
+
 class GroupNet(nn.Module):
     def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
         super().__init__()
@@ -86,8 +96,6 @@ class GroupNet(nn.Module):
         self.tau = opts.tau
         self.hard = opts.hard
         self.skip_below = opts.skip_below
-        self.assignment_weights: Tensor | None = None  # Z of the last training step, (N, K)
-        self.active: Tensor | None = None  # which (task, group) heads ran in the last step
         self.shared_features: list[Tensor] = []
 
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -136,7 +144,8 @@ class GroupNet(nn.Module):
         return self.group_logits.argmax(dim=1).tolist()
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
-        """Training: {task: (n_active, B, ...)} outputs of the heads that ran (see ``active``).
+        """Training: {task: (n_active, B, ...)} outputs of the heads that ran, as
+        :class:`SampledOutputs` (with the sample: which heads ran and their weights).
         Eval: {task: (B, ...)} through each task's argmax group."""
         x, stem_features = self._stem(image)
         self.shared_features = [x]
@@ -153,15 +162,15 @@ class GroupNet(nn.Module):
         score_all = self.hard and self.group_logits.requires_grad
         active = torch.ones_like(z, dtype=torch.bool) if score_all else z.detach() >= self.skip_below
         active[torch.arange(len(self.tasks)), chosen] = True
-        self.assignment_weights, self.active = z, active
         learn = set(chosen.tolist()) if score_all else None  # branches that get a gradient (None: all)
         feats = {}
         for k in active.any(dim=0).nonzero().flatten().tolist():
             with torch.set_grad_enabled(learn is None or k in learn):
                 feats[k] = self._branch(k, x, stem_features)
         pooled = {k: f[-1].mean(dim=(2, 3)) for k, f in feats.items()}  # once per branch, for every task
-        return {t.name: self._task_heads(t.name, feats, pooled, active[i].nonzero().flatten().tolist(), int(chosen[i]))
-                for i, t in enumerate(self.tasks)}
+        return SampledOutputs({t.name: self._task_heads(t.name, feats, pooled, active[i].nonzero().flatten().tolist(),
+                                                        int(chosen[i]))
+                               for i, t in enumerate(self.tasks)}, weights=z, active=active)
 
     def _task_heads(self, task: str, feats: dict[int, list[Tensor]], pooled: dict[int, Tensor], groups: list[int],
                     chosen: int) -> Tensor:
@@ -185,7 +194,8 @@ class GroupNet(nn.Module):
             return torch.stack([head[k](feats[k]) for k in groups])
         return head(torch.stack([pooled[k] for k in groups]), groups)
 
-    def pruned_network(self) -> "PrunedGroupNet":
+    def inference_network(self) -> "PrunedGroupNet":
+        """One head per task (its most likely group) and only the branches some task chose."""
         groups = self.assignment()
         heads = {}
         for t, k in zip(self.tasks, groups):

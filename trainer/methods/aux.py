@@ -9,6 +9,7 @@ reference code (0 until 50 %, linear to lambda_max = 1000 at 80 %, then flat).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -62,7 +63,7 @@ class AuxMethod:
 
     @dataclass
     class Options(AuxNetOptions):
-        lambda_schedule: str = "paper"
+        lambda_schedule: Literal["paper", "reference"] = "paper"
         lambda_max: float | None = None
         alpha_lr: float = 1e-2
         init_from: dict = field(default_factory=dict)
@@ -71,8 +72,6 @@ class AuxMethod:
 
     def __init__(self, options: Options) -> None:
         o = options
-        if o.lambda_schedule not in LAMBDA_MAX:
-            raise ConfigError(f"method.lambda_schedule: {o.lambda_schedule!r}; expected paper or reference")
         for name in ("alpha_p_init", "alpha_a_init"):
             if not 0.0 < getattr(o, name) < 1.0:
                 raise ConfigError(f"method.{name}: must be in (0, 1), got {getattr(o, name)}")
@@ -100,6 +99,9 @@ class AuxMethod:
     def load_state_dict(self, model: AuxNet, state: dict) -> None:
         if self.searched:
             self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Aux methods leave the weight optimiser's state alone."""
 
     def param_groups(self, model: AuxNet) -> list[dict]:
         alpha = {id(p) for p in model.arch_parameters()}

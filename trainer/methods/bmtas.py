@@ -42,6 +42,7 @@ alpha step. The weight optimiser's state (momentum) is reset after every
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -62,7 +63,6 @@ from taskfold.trainer.rundir import RunDir
 from taskfold.trainer import bmtas_report  # noqa: F401  (registers the report section)
 
 TASK_LIMITS = {"exact": MAX_TASKS_EXACT, "paper_chain": MAX_TASKS_PAPER_CHAIN}
-RETRAIN_MODES = ("scratch", "supergraph")
 
 
 @METHODS.register("bmtas")
@@ -77,7 +77,7 @@ class BMTASSearch:
         alpha_weight_decay: float = 5e-5
         resource_lambda: float = 0.0
         resource_estimator: str = "exact"
-        retrain: str = "scratch"
+        retrain: Literal["scratch", "supergraph"] = "scratch"
         retrain_epochs: int | None = None
         reset_alpha_optimizer: bool = True
 
@@ -89,8 +89,6 @@ class BMTASSearch:
         if o.resource_estimator not in RESOURCE_ESTIMATORS:
             problems.append(f"method.resource_estimator: {o.resource_estimator!r}; available: "
                             f"{', '.join(RESOURCE_ESTIMATORS.names())}")
-        if o.retrain not in RETRAIN_MODES:
-            problems.append(f"method.retrain: {o.retrain!r}; expected {' or '.join(RETRAIN_MODES)}")
         if not (0 < o.tau_end <= o.tau_start):
             problems.append(f"method.tau_start/tau_end: need 0 < tau_end <= tau_start, got {o.tau_start}, {o.tau_end}")
         if not 0.0 <= o.warmup_fraction < 1.0:

@@ -19,6 +19,7 @@ read-off (``assignment: fixed``, ``groups``) and trains on from the search's wei
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -34,7 +35,6 @@ from taskfold.trainer.methods.plain import Stateless, load_weights_into
 from taskfold.trainer.report import REPORT_SECTIONS, line_style, pyplot
 from taskfold.trainer.rundir import RunDir
 
-ASSIGNMENTS = ("learned", "random", "fixed")
 # A task counts as decided when its chosen group holds at least this probability; below
 # UNDECIDED_MARGIN over the uniform 1/K it is still close to a coin toss.
 DECIDED = 0.9
@@ -59,7 +59,7 @@ class DMTGMethod(Stateless):
         max_groups: int = 16
         tau_final: float | None = None
         logits_lr: float | None = None
-        assignment: str = "learned"
+        assignment: Literal["learned", "random", "fixed"] = "learned"
         assignment_seed: int = 0
         groups: list | None = None  # assignment: fixed — each task's group, in task order
         init_from: str | None = None  # a finished naive-MTL (`shared`) run directory
@@ -74,8 +74,6 @@ class DMTGMethod(Stateless):
             raise ConfigError(f"method.num_groups: {o.num_groups} groups exceed method.max_groups = {o.max_groups}")
         if o.tau <= 0 or (o.tau_final is not None and o.tau_final <= 0):
             raise ConfigError("method.tau and method.tau_final must be > 0")
-        if o.assignment not in ASSIGNMENTS:
-            raise ConfigError(f"method.assignment: {o.assignment!r}; expected one of {', '.join(ASSIGNMENTS)}")
         if (o.assignment == "fixed") != (o.groups is not None):
             raise ConfigError("method.groups: give it exactly when method.assignment is fixed")
         if o.finetune_epochs < 0:
@@ -125,7 +123,7 @@ class DMTGMethod(Stateless):
         return {"tau": model.tau, "probabilities": dict(zip([t.name for t in model.tasks], probs))}
 
     def task_losses(self, model: GroupNet, outputs: dict, targets: dict, tasks: list) -> dict[str, torch.Tensor]:
-        z, active = model.assignment_weights, model.active
+        z, active = outputs.weights, outputs.active  # the Gumbel sample these outputs were computed under
         losses = {}
         for i, t in enumerate(tasks):
             groups = active[i].nonzero().flatten()

@@ -122,12 +122,6 @@ def option_error(task: str, field: str, message: str) -> ConfigError:
     return ConfigError(f"tasks.{task}.{field}: {message}")
 
 
-def check_choice(task: str, field: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise option_error(task, field, f"expected one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
 def label_count(task: str, label: str, label_info: dict, key: str) -> int:
     """The size a head needs (``classes``, ``attributes``) from the dataset's label description."""
     value = label_info.get(key)
