@@ -242,13 +242,26 @@ def build_options(cls: type, raw: dict, where: str) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML as recipes mean it: only true/false are booleans (YAML 1.2). PyYAML's YAML 1.1 also
+    reads on/off/yes/no as booleans, which turns the weighting option ``on: features`` into the
+    key ``True``."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
 def _apply_override(raw: dict, assignment: str) -> None:
     """``a.b=c`` sets raw['a']['b'] = yaml-parsed c; list items by index (``tasks.0.weight=2``)."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=3")
     key, text = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = yaml.load(text, RecipeLoader) if text else ""
     except yaml.YAMLError:
         raise ConfigError(f"--set {key}: {text!r} is not a valid YAML value") from None
     node: Any = raw
@@ -380,7 +393,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, RecipeLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -24,6 +24,7 @@ from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.backbones import BACKBONES
 from taskfold.models.layers.sync_batchnorm import convert_sync_batchnorm
 from taskfold.models.modes import eval_mode
+from taskfold.models.registry import UnknownNameError
 from taskfold.trainer import distributed
 from taskfold.trainer.amp import MixedPrecision
 from taskfold.trainer.checkpoint import EpochCursor, cursor_state, rng_state, set_rng_state
@@ -35,7 +36,7 @@ from taskfold.trainer.methods import Method, Progress, create_method
 from taskfold.trainer.report import baseline_results
 from taskfold.trainer.rundir import RunDir
 from taskfold.trainer.runlock import folder_lock
-from taskfold.trainer.tasks import create_task
+from taskfold.trainer.tasks import check_task_options, create_task
 from taskfold.trainer.weighting import StepContext, create_weighting
 
 
@@ -143,18 +144,37 @@ def create_optimizer(name: str, params: list[dict], *, lr: float, weight_decay: 
     raise ConfigError(f"train.optimizer: unknown optimizer {name!r}; available: adam, adamw, sgd")
 
 
+def check_components(cfg: Config) -> tuple[Method, object]:
+    """Build every component a recipe names that needs no data (method, weighting, each task's
+    options, the backbone's name, the report baseline) and report every problem in one
+    ConfigError, before any data is rendered or read; returns the method and the weighting."""
+    names = [t.name for t in cfg.tasks]
+    built: dict[str, object] = {}
+    checks = {
+        "method": lambda: create_method(cfg.method),
+        "weighting": lambda: create_weighting(cfg.weighting, tasks=names, task_weights={t.name: t.weight for t in cfg.tasks},
+                                              primary=[cfg.primary] if cfg.primary else names),
+        "backbone": lambda: BACKBONES.get(cfg.model.backbone),
+        **{f"task {t.name}": (lambda t=t: check_task_options(t.name, t.kind, t.options)) for t in cfg.tasks},
+        "baseline": lambda: cfg.report.baseline is not None and baseline_results(cfg.report.baseline, names),
+    }
+    problems = []
+    for name, check in checks.items():
+        try:
+            built[name] = check()
+        except (ConfigError, UnknownNameError) as exc:
+            problems.append(str(exc).removeprefix("config: "))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return built["method"], built["weighting"]
+
+
 def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState:
     """Validate everything that can be wrong before the first step, then build the run
     (``resume``: into the existing run directory, whose files are kept; see :func:`resume_point`)."""
     device = distributed.rank_device(resolve_device(cfg.train.device))  # no CUDA: refused before any work
     torch.manual_seed(cfg.train.seed)
-    method = create_method(cfg.method)
-    BACKBONES.get(cfg.model.backbone)  # a misspelt backbone fails now, not after the datasets are built
-    names = [t.name for t in cfg.tasks]  # the weighting and the baseline are checked before any rendering
-    weighting = create_weighting(cfg.weighting, tasks=names, primary=[cfg.primary] if cfg.primary else names,
-                                 task_weights={t.name: t.weight for t in cfg.tasks})
-    if cfg.report.baseline is not None:  # refuse now rather than after training
-        baseline_results(cfg.report.baseline, names)
+    method, weighting = check_components(cfg)
     datasets = build_datasets(cfg)
     loaders = build_loaders(cfg, datasets, arch_fraction=method.arch_fraction, pin_memory=device.type == "cuda")
     tasks = build_tasks(cfg, datasets["train"].info)
