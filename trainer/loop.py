@@ -248,8 +248,7 @@ def forward_losses(state: RunState, images: torch.Tensor, targets: dict) -> dict
         return state.method.task_losses(state.model, outputs, targets, state.tasks)
 
 
-def update(state: RunState, losses: dict[str, torch.Tensor], epoch: int, step: int, rows: int = 1
-           ) -> dict[str, float]:
+def update(state: RunState, losses: dict[str, torch.Tensor], rows: int = 1) -> dict[str, float]:
     """The strategy's backward pass of ``losses`` and the optimiser step (through the fp16 scaler
     when there is one); returns the strategy's values to log. In a DDP run the combined gradient
     is averaged over ranks (weighted by each rank's ``rows``) before the step."""
@@ -258,8 +257,7 @@ def update(state: RunState, losses: dict[str, torch.Tensor], epoch: int, step: i
         shared_params=list(model.shared_parameters()),
         shared_features=list(model.shared_features),
         primary=state.spec.primary,
-        auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary],
-        epoch=epoch, step=step, loss_scale=state.precision.loss_scale(),
+        loss_scale=state.precision.loss_scale(),
     )
     state.optimizer.zero_grad(set_to_none=True)
     weight_logs = state.weighting.backward(losses, ctx)
@@ -268,12 +266,11 @@ def update(state: RunState, losses: dict[str, torch.Tensor], epoch: int, step: i
     return weight_logs
 
 
-def weight_step(state: RunState, images: torch.Tensor, targets: dict, epoch: int, step: int
-                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def weight_step(state: RunState, images: torch.Tensor, targets: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One whole weight update on a batch (no non-finite guard: tests and benchmarks); returns the
     losses and the strategy's values to log."""
     losses = forward_losses(state, images, targets)
-    return losses, update(state, losses, epoch, step, len(images))
+    return losses, update(state, losses, len(images))
 
 
 class NonFiniteLoss(ValueError):
@@ -351,7 +348,7 @@ def _train_epoch(state: RunState, cursor: EpochCursor, total_steps: int, saved: 
         if bad is not None:
             _on_nonfinite(state, cursor, bad, values[bad])
             continue
-        weight_logs = update(state, losses, epoch, cursor.step, len(images))
+        weight_logs = update(state, losses, len(images))
         for name, value in values.items():
             cursor.sums[name] = cursor.sums.get(name, 0.0) + value
             cursor.epoch_sums[name] = cursor.epoch_sums.get(name, 0.0) + value
