@@ -1,6 +1,7 @@
 """Task heads: output shapes on CNN and ViT features, foldable Conv/BN pairs, ONNX export."""
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,9 @@ from torch import nn
 
 from taskfold.models.backbones import Backbone, create_backbone
 from taskfold.models.errors import ModelError
-from taskfold.models.layers.heads import HEADS, create_head, default_head
+from taskfold.models.layers.heads import DENSE_HEADS, HEADS, create_head, default_head
 from taskfold.models.registry import UnknownNameError
+from taskfold.trainer.config import ModelConfig
 
 torch.set_num_threads(1)
 
@@ -119,6 +121,9 @@ def test_a_recipe_may_put_dpt_on_a_cnn_to_read_its_fine_features() -> None:
     assert [info[i].reduction for i in head.feature_indices] == [4, 8, 16, 32]
     with pytest.raises(ModelError, match="dense head must be one of aspp, dpt, got 'linear'"):
         default_head(info, "dense", "linear")
+    # the recipe field offers exactly the heads that output a map
+    literal, _none = typing.get_args(typing.get_type_hints(ModelConfig)["dense_head"])
+    assert set(typing.get_args(literal)) == set(DENSE_HEADS) == {k for k in HEADS.names() if k != "linear"}
 
 
 class _Net(nn.Module):
