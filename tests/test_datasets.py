@@ -142,6 +142,43 @@ def test_edges_of_a_label_map_by_hand():
     assert skeleton[3, 2:7].all() and skeleton.sum(axis=0).max() == 1  # a 3-wide bar → a 1-wide line
 
 
+def _thin_by_hand(mask: np.ndarray) -> np.ndarray:
+    """Guo & Hall's two subiterations pixel by pixel, straight from the paper's conditions."""
+    image = np.pad(mask.astype(bool), 1)
+    while True:
+        changed = False
+        for first in (True, False):
+            delete = []
+            for r, c in zip(*np.nonzero(image)):
+                # x1..x8 counter-clockwise from east, x9 = x1
+                x = [bool(image[r + dy, c + dx]) for dy, dx in
+                     ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))]
+                x.append(x[0])
+                crossing = sum(not x[i] and (x[i + 1] or x[i + 2]) for i in (0, 2, 4, 6))
+                n1 = sum(x[i] or x[i + 1] for i in (0, 2, 4, 6))
+                n2 = sum(x[i + 1] or x[i + 2] for i in (0, 2, 4, 6))
+                g3 = (x[1] or x[2] or not x[7]) and x[0] if first else (x[5] or x[6] or not x[3]) and x[4]
+                if crossing == 1 and 2 <= min(n1, n2) <= 3 and not g3:
+                    delete.append((r, c))
+            for r, c in delete:  # parallel: every decision above saw the same image
+                image[r, c] = False
+            changed |= bool(delete)
+        if not changed:
+            return image[1:-1, 1:-1]
+
+
+def test_thin_matches_the_paper_pixel_by_pixel():
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        height, width = rng.integers(3, 14, 2)
+        mask = rng.random((height, width)) < rng.uniform(0.2, 0.9)
+        assert np.array_equal(thin(mask), _thin_by_hand(mask))
+    label_map = np.kron(rng.integers(0, 459, (5, 5)), np.ones((6, 6), np.int64)).astype(np.uint16)
+    assert laplacian(label_map).dtype == np.int32  # exact integers for 16-bit maps
+    assert np.array_equal(laplacian(label_map), laplacian(label_map.astype(np.float64)))
+    assert np.array_equal(label_edges(label_map), _thin_by_hand(laplacian(label_map) != 0).astype(np.uint8))
+
+
 def test_workers_give_the_same_augmented_batches(tmp_path):
     from taskfold.trainer.data.loader import EpochBatches, SplitLoader
 
