@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cli_runner import assert_user_error, run_cli
 from dataset_fixtures import (CELEBA_NAMES, PASCAL_IDS, TASKONOMY_BUILDINGS, celeba_row, pascal_label_map,
                               write_celeba, write_cityscapes, write_nyuv2, write_pascal, write_taskonomy)
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.data import create_dataset
+from taskfold.trainer.data.dense import nearest_index
 from taskfold.trainer.data.edges import label_edges, laplacian, thin
 from taskfold.trainer.data.idx import DataFormatError, DatasetUnavailable
 from taskfold.trainer.data.loader import SampleKey, load_batch
@@ -68,6 +70,17 @@ def test_zoom_divides_depth_by_the_scale(tmp_path):
     windows = [depth[r:r + 8, c:c + 8] for r in range(9) for c in range(9)]
     got = t["depth"][0, ::2, ::2].numpy()
     assert any(np.array_equal(got, w / 2) for w in windows)
+
+
+def test_picking_raw_pixels_equals_torch_nearest_resampling():
+    """The pipeline crops and resamples stored planes by index; torch's nearest mode on the
+    decoded map must pick the same pixels, whatever the ratio."""
+    rng = np.random.default_rng(1)
+    for height, width, size in ((512, 512, 256), (375, 500, 512), (288, 384, 288), (17, 23, 5), (8, 8, 16)):
+        plane = rng.integers(0, 2 ** 16, (height, width)).astype(np.int64)
+        picked = plane[nearest_index(height, size)[:, None], nearest_index(width, size)]
+        resampled = F.interpolate(torch.from_numpy(plane)[None, None].float(), size=(size, size), mode="nearest")
+        assert np.array_equal(picked, resampled[0, 0].long().numpy())
 
 
 def test_cityscapes_label_folders_and_disparity(tmp_path):
