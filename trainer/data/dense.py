@@ -79,16 +79,21 @@ def transform(image: np.ndarray, planes: dict[str, np.ndarray | torch.Tensor], k
         crop_h, crop_w = int(height / scale), int(width / scale)
         top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
         flip = augment.flip and bool(rng.random() < 0.5)
-    crop = torch.from_numpy(np.ascontiguousarray(image[top:top + crop_h, left:left + crop_w].transpose(2, 0, 1)))
-    crop = crop.float() / 255.0 if image.dtype == np.uint8 else crop.float()
     shrink = crop_h > size or crop_w > size
-    out_image = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=shrink)[0]
+    # (H, W, 3) seen as (3, H, W) is channels-last: torch's bilinear upsampling is 2-3x faster on
+    # it (same values), its antialiased downsampling faster on contiguous planes.
+    crop = torch.from_numpy(np.array(image[top:top + crop_h, left:left + crop_w], order="C")).permute(2, 0, 1)
+    crop = crop.contiguous() if shrink else crop
+    crop = crop.float() / 255.0 if image.dtype == np.uint8 else crop.float()
+    out_image = crop
+    if (crop_h, crop_w) != (size, size):  # bilinear at scale 1 would return the same values
+        out_image = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False,
+                                  antialias=shrink)[0]
     rows = top + nearest_index(crop_h, size)
     cols = left + nearest_index(crop_w, size)
     if flip:
         out_image, cols = out_image.flip(-1), cols[::-1]
-    picked = {key: value if isinstance(value, torch.Tensor) else value[rows[:, None], cols]
+    picked = {key: value if isinstance(value, torch.Tensor) else value.take(rows, axis=0).take(cols, axis=1)
               for key, value in planes.items()}
     out = finish(picked)
     for key, value in out.items():
