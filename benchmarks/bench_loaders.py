@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -31,7 +32,7 @@ from common import cpu_line  # noqa: E402
 
 from taskfold.trainer.config import load_config  # noqa: E402
 from taskfold.trainer.data import create_dataset  # noqa: E402
-from taskfold.trainer.data.loader import EpochBatches, SplitLoader, default_workers  # noqa: E402
+from taskfold.trainer.data.loader import EpochBatches, SampleKey, SplitLoader, as_key, default_workers  # noqa: E402
 
 # dataset -> (writer at native resolution, the recipe whose data.size and options are used)
 DATASETS = {
@@ -42,6 +43,21 @@ DATASETS = {
     "taskonomy": (lambda root: fixtures.write_taskonomy(root, per_building=4, side=512), "dmtg_taskonomy.yaml"),
     "pascal_context": (lambda root: fixtures.write_pascal(root, side=512), "bmtas_pascal_context.yaml"),
 }
+
+
+class Repeated(Dataset):
+    """Each file ``times`` times per epoch: epochs long enough for the workers' prefetching to
+    matter (a worker's per-epoch hand-shake is paid once per epoch, as in training), from a few files."""
+
+    def __init__(self, dataset, times: int) -> None:
+        self.dataset, self.times = dataset, times
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, key):
+        key = as_key(key)
+        return self.dataset[SampleKey(key.index % len(self.dataset), key.seed)]
 
 
 def images_per_second(dataset, workers: int, epochs: int, batch: int) -> float:
@@ -61,6 +77,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--per-epoch", type=int, default=64,
+                        help="items per epoch: the few files are repeated up to this many")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of this process (the 0-worker path; a worker always uses 1)")
     args = parser.parse_args()
@@ -72,15 +90,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "data").mkdir()
             root = write(Path(tmp) / "data")
-            dataset = create_dataset(name, "train", size=cfg.size, num_samples=None, root=str(root), **cfg.options)
-            settings = {"default": default_workers(dataset), "0": 0}
+            files = create_dataset(name, "train", size=cfg.size, num_samples=None, root=str(root), **cfg.options)
+            dataset = Repeated(files, max(1, args.per_epoch // len(files)))
+            settings = {"default": default_workers(files), "0": 0}
             rates: dict[str, list[float]] = {key: [] for key in settings}
             for r in range(args.rounds):
                 for key in list(settings)[r % 2:] + list(settings)[:r % 2]:
                     rates[key].append(images_per_second(dataset, settings[key], args.epochs, args.batch))
         cells = ", ".join(f"{key} workers ({settings[key]}): {statistics.median(v):.0f} img/s "
                           f"({min(v):.0f}-{max(v):.0f})" for key, v in rates.items())
-        print(f"{name} at {cfg.size} px ({len(dataset)} files, recipe {recipe}): {cells}", flush=True)
+        print(f"{name} at {cfg.size} px ({len(files)} files x {dataset.times} per epoch, recipe {recipe}): {cells}", flush=True)
 
 
 if __name__ == "__main__":
