@@ -206,6 +206,20 @@ def test_workers_give_the_same_augmented_batches(tmp_path):
     assert not torch.equal(streams[0][0][1][:1], streams[0][2][1][:1])  # epochs differ
 
 
+def test_packed_batches_unpack_to_the_collated_ones(tmp_path):
+    from taskfold.trainer.data.loader import collate, pack, unpack
+
+    data = build("celeba", write_celeba(tmp_path / "celeba"))
+    items = [data[i] for i in range(len(data))]
+    for batch in (items, collate(items)):  # items from workers, or a batch __getitems__ made
+        packed = pack(batch)
+        assert len(packed.buffers) == 2  # images + attributes (float32), 40 labels (int64): 42 tensors in 2
+        images, targets = unpack(packed)
+        expected_images, expected = collate(items)
+        assert torch.equal(images, expected_images) and list(targets) == list(expected)
+        assert all(torch.equal(targets[k], expected[k]) and targets[k].dtype == expected[k].dtype for k in expected)
+
+
 def test_errors_name_the_path(tmp_path):
     with pytest.raises(ConfigError, match="data.root"):
         create_dataset("nyuv2", "train", size=16, num_samples=None)
