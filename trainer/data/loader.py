@@ -29,7 +29,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 from taskfold.trainer.data.idx import DataFormatError, DatasetUnavailable
 
@@ -78,6 +78,15 @@ class PackedBatch(NamedTuple):
     layout: list[tuple[str, torch.dtype, int, tuple[int, ...]]]
 
 
+def _buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A flat tensor; in a worker, allocated in shared memory (where its batch must go anyway),
+    as torch's default_collate does, instead of being copied there when it is sent."""
+    if get_worker_info() is None:
+        return torch.empty(numel, dtype=dtype)
+    empty = torch.empty(0, dtype=dtype)
+    return empty.new(empty._typed_storage()._new_shared(numel, device="cpu"))
+
+
 def pack(data) -> PackedBatch:
     """:func:`collate` into one buffer per dtype (items are stacked straight into it)."""
     batched = isinstance(data, tuple)
@@ -92,7 +101,7 @@ def pack(data) -> PackedBatch:
         dtype = parts[0].dtype
         layout.append((key, dtype, sizes.get(dtype, 0), shape))
         sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
-    buffers = {dtype: torch.empty(total, dtype=dtype) for dtype, total in sizes.items()}
+    buffers = {dtype: _buffer(dtype, total) for dtype, total in sizes.items()}
     for (key, dtype, offset, shape), parts in zip(layout, columns.values()):
         out = buffers[dtype][offset:offset + math.prod(shape)].view(shape)
         if batched:
