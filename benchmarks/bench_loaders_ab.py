@@ -1,6 +1,7 @@
 """Item time of the on-disk loaders, this tree against an older one, alternating in one process:
 milliseconds per training item (decode + augmentation + resize, 0 workers) at the recipes'
-resolutions, and the ratio old / new per round.
+resolutions, wall and CPU time (items per CPU-second: the per-core rate), and the ratio old / new
+per round.
 
     git archive <old-commit> | tar -x -C /tmp/old_tree
     nice -n 5 .venv/bin/python benchmarks/bench_loaders_ab.py --old-tree /tmp/old_tree
@@ -47,12 +48,14 @@ def import_as_before(tree: Path, into: Path):
             importlib.import_module("taskfold_before.trainer.data.loader").SampleKey)
 
 
-def ms_per_item(dataset, key_type, seeds: range) -> float:
-    start = time.perf_counter()
+def ms_per_item(dataset, key_type, seeds: range) -> tuple[float, float]:
+    """(wall, CPU) milliseconds per item: CPU time is what an item costs a core, whatever else runs."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for seed in seeds:
         for index in range(len(dataset)):
             dataset[key_type(index, seed)]
-    return (time.perf_counter() - start) / (len(seeds) * len(dataset)) * 1e3
+    items = len(seeds) * len(dataset)
+    return (time.perf_counter() - wall) / items * 1e3, (time.process_time() - cpu) / items * 1e3
 
 
 def main() -> None:
@@ -74,14 +77,17 @@ def main() -> None:
             root = str(write(Path(tmp) / name))
             loaders = {side: make(name, "train", size=cfg.size, num_samples=None, root=root, **cfg.options)
                        for side, (make, _) in sides.items()}
-            times: dict[str, list[float]] = {"old": [], "new": []}
+            times: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
             for r in range(args.rounds):
                 for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
                     seeds = range(r * args.epochs, (r + 1) * args.epochs)
                     times[side].append(ms_per_item(loaders[side], sides[side][1], seeds))
-            ratios = [old / new for old, new in zip(times["old"], times["new"])]
-            print(f"{name} at {cfg.size} px: old {statistics.median(times['old']):.1f} ms/item, new "
-                  f"{statistics.median(times['new']):.1f} ms/item; old/new {statistics.median(ratios):.2f}x "
+            ratios = [old[0] / new[0] for old, new in zip(times["old"], times["new"])]
+            cells = ", ".join(f"{side} {statistics.median(t[0] for t in v):.1f} ms/item "
+                              f"(CPU {statistics.median(t[1] for t in v):.1f} ms: "
+                              f"{1e3 / statistics.median(t[1] for t in v):.0f} items per CPU-second)"
+                              for side, v in times.items())
+            print(f"{name} at {cfg.size} px: {cells}; old/new wall {statistics.median(ratios):.2f}x "
                   f"(range {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
 
 
