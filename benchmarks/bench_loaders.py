@@ -114,7 +114,8 @@ def main() -> None:
                                                         packed=settings[key][1]))
         cells = ", ".join(f"{key}: {statistics.median(v):.0f} img/s ({min(v):.0f}-{max(v):.0f})"
                           for key, v in rates.items())
-        print(f"{name} at {cfg.size} px ({len(files)} files x {dataset.times} per epoch, recipe {recipe}): {cells}", flush=True)
+        print(f"{name} at {cfg.size} px ({len(files)} files x {dataset.times} per epoch, recipe {recipe}): {cells}",
+              flush=True)
 
 
 if __name__ == "__main__":
