@@ -14,7 +14,6 @@ and the test metrics of both side by side.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_line, fixed_batch_step, paired_samples, train_recipe  # noqa: E402
+from common import cpu_line, fixed_batch_step, paired_samples, print_ratios, train_recipe  # noqa: E402
 
 DEMO = "cli/recipes/demo.yaml"
 CANDIDATES = {"fp32": [], "bf16": ["train.amp=bf16"], "fp16": ["train.amp=fp16"],
@@ -41,12 +40,7 @@ def step(args) -> None:
                                            args.batch)
         samples = paired_samples(steps, rounds=args.rounds, per_round=1, warmup=2)
         print(f"\none weight step, demo network, batch {args.batch}, {threads} thread(s), {args.rounds} rounds")
-        base = samples["fp32"]
-        for name, values in samples.items():
-            ratios = [v / b for v, b in zip(values, base)]
-            print(f"{name:>20}: median {statistics.median(values) * 1e3:8.1f} ms  "
-                  f"{statistics.median(values) / statistics.median(base):6.2f}× fp32  "
-                  f"(per-round {min(ratios):.2f}–{max(ratios):.2f})")
+        print_ratios(samples, "fp32")
 
 
 def metric(args) -> None:

@@ -31,6 +31,16 @@ def paired_samples(candidates: dict[str, Callable[[], object]], *, rounds: int =
     return samples
 
 
+def print_ratios(samples: dict[str, list[float]], base: str, width: int = 20) -> None:
+    """One line per candidate of :func:`paired_samples`: median ms, ratio of medians to ``base``
+    and the spread (min–max) of the per-round ratios."""
+    for name, values in samples.items():
+        ratios = [v / b for v, b in zip(values, samples[base])]
+        print(f"{name:>{width}}: median {statistics.median(values) * 1e3:8.1f} ms  "
+              f"{statistics.median(values) / statistics.median(samples[base]):6.2f}× {base}  "
+              f"(per-round {min(ratios):.2f}–{max(ratios):.2f})")
+
+
 def paired_medians(candidates: dict[str, Callable[[], object]], *, rounds: int = 15, per_round: int = 5,
                    warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each candidate, measured in alternating rounds."""

@@ -8,7 +8,8 @@ training config: the method, the backbone, the tasks' heads, the method's option
 options dataclass with the value the run used, so a later change of a default never changes how
 an existing run is rebuilt. Format 1 (an ``arch.json`` without a ``format`` field, written before
 it) stored the options as the recipe wrote them; it still loads, and the fields it lacks take
-today's defaults, as they always did.
+today's defaults, as they always did. Format 3 adds ``dense_head`` (the recipe's
+``model.dense_head``); an older arch.json has none, which rebuilds the head it was trained with.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ARCH_FORMAT = 2
+ARCH_FORMAT = 3
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ArchSpec:
     image_size: int
     tasks: list[TaskHead]
     head_channels: int = 64
+    dense_head: str | None = None  # null: chosen from the backbone's feature metadata (default_head)
     backbone_options: dict = field(default_factory=dict)
     primary: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)

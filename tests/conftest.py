@@ -9,9 +9,12 @@ import torch
 
 torch.set_num_threads(2)
 
-# The demo recipe's architecture, cut to seconds of training.
+# The demo recipe cut to seconds of training. Its ASPP heads (the demo itself now uses DPT ones,
+# issue 16) are kept here because test_precision's INT8 tolerances and teacher-data guard were
+# calibrated on them; DPT-on-CNN export parity is tested in test_heads and by a full demo run.
 TINY = ["data.train_size=48", "data.val_size=8", "data.test_size=8", "train.epochs=1",
-        "train.batch_size=16", "train.progress=false", "bench.iters=3", "bench.warmup=1"]
+        "train.batch_size=16", "train.progress=false", "bench.iters=3", "bench.warmup=1",
+        "model.dense_head=aspp"]
 
 
 @pytest.fixture(scope="session")

@@ -77,7 +77,7 @@ def test_a_new_run_records_every_option_resolved(tmp_path):
     spec = build_spec(cfg, build_tasks(cfg, info), method)
     spec.save(tmp_path / "arch.json")
     saved = json.loads((tmp_path / "arch.json").read_text())
-    assert saved["format"] == ARCH_FORMAT == 2
+    assert saved["format"] == ARCH_FORMAT == 3 and saved["dense_head"] is None  # the recipe names none
     assert saved["options"] == dataclasses.asdict(method.options)
     assert saved["options"]["tau"] == 2.5 and saved["options"]["stem_blocks"] == 1  # a default and a recipe value
 
@@ -85,5 +85,5 @@ def test_a_new_run_records_every_option_resolved(tmp_path):
 def test_an_arch_json_from_a_newer_taskfold_is_one_clear_error(tmp_path):
     raw = json.loads((FIXTURES / "dmtg" / "arch.json").read_text())
     (tmp_path / "arch.json").write_text(json.dumps({**raw, "format": ARCH_FORMAT + 1}))
-    with pytest.raises(ConfigError, match="format 3 is not one this taskfold reads"):
+    with pytest.raises(ConfigError, match=f"format {ARCH_FORMAT + 1} is not one this taskfold reads"):
         RunDir(tmp_path).load_arch()

@@ -34,6 +34,7 @@ def test_overrides_nested_and_list_items():
     ("tasks.7.weight=1", "is not an index"),
     ("train.lr=-1", "train.lr: must be a finite number > 0"),
     ("primary=normals", "primary: 'normals' is not one of the tasks"),
+    ("model.dense_head=linear", "model.dense_head: expected one of aspp, dpt"),
 ])
 def test_bad_overrides(override, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -1,6 +1,7 @@
 """Task heads: output shapes on CNN and ViT features, foldable Conv/BN pairs, ONNX export."""
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,9 @@ from torch import nn
 
 from taskfold.models.backbones import Backbone, create_backbone
 from taskfold.models.errors import ModelError
-from taskfold.models.layers.heads import HEADS, create_head, default_head
+from taskfold.models.layers.heads import DENSE_HEADS, HEADS, create_head, default_head
 from taskfold.models.registry import UnknownNameError
+from taskfold.trainer.config import ModelConfig
 
 torch.set_num_threads(1)
 
@@ -110,6 +112,20 @@ def test_default_head_follows_feature_layout_not_name() -> None:
         assert default_head(cnn.feature_info, "dense") == "aspp"   # stride grows: ASPP on the last map
 
 
+def test_a_recipe_may_put_dpt_on_a_cnn_to_read_its_fine_features() -> None:
+    info = _backbone("resnet10").feature_info
+    assert default_head(info, "dense", "dpt") == "dpt"
+    assert default_head(info, "global", "dpt") == "linear"   # the choice is for dense tasks only
+    head = create_head("dpt", info, 3, channels=8)
+    # one block per ResNet-10 stage: the head fuses the stride-4, 8, 16 and 32 maps, not the last only
+    assert [info[i].reduction for i in head.feature_indices] == [4, 8, 16, 32]
+    with pytest.raises(ModelError, match="dense head must be one of aspp, dpt, got 'linear'"):
+        default_head(info, "dense", "linear")
+    # the recipe field offers exactly the heads that output a map
+    literal, _none = typing.get_args(typing.get_type_hints(ModelConfig)["dense_head"])
+    assert set(typing.get_args(literal)) == set(DENSE_HEADS) == {k for k in HEADS.names() if k != "linear"}
+
+
 class _Net(nn.Module):
     def __init__(self, backbone: Backbone, head: nn.Module) -> None:
         super().__init__()
@@ -120,7 +136,7 @@ class _Net(nn.Module):
 
 
 @pytest.mark.parametrize(("backbone", "kind"), [
-    ("resnet10", "aspp"), pytest.param("vit_tiny_patch16_224", "dpt", marks=pytest.mark.slow)])
+    ("resnet10", "aspp"), ("resnet10", "dpt"), pytest.param("vit_tiny_patch16_224", "dpt", marks=pytest.mark.slow)])
 def test_onnx_export_matches_torch(backbone: str, kind: str, tmp_path: Path) -> None:
     model = _backbone(backbone)
     net = _Net(model, create_head(kind, model.feature_info, 3, channels=16, output_size=(IMG, IMG))).eval()

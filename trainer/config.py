@@ -57,6 +57,7 @@ class ModelConfig:
     backbone: str = "resnet18"
     weights: str | None = None
     head_channels: int = 64
+    dense_head: Literal["aspp", "dpt"] | None = None  # head of dense tasks (heads.DENSE_HEADS); null: from the backbone's features
     options: dict = field(default_factory=dict)
 
 

@@ -115,6 +115,7 @@ def build_spec(cfg: Config, tasks: list, method: Method) -> ArchSpec:
         image_size=cfg.data.size,
         tasks=[TaskHead(t.name, t.kind, t.output, t.out_channels) for t in tasks],
         head_channels=cfg.model.head_channels,
+        dense_head=cfg.model.dense_head,
         backbone_options=dict(cfg.model.options),
         primary=[cfg.primary] if cfg.primary else [t.name for t in tasks],
         options=dataclasses.asdict(method.options),

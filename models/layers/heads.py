@@ -24,10 +24,11 @@ from ..backbones import FeatureInfo
 from ..errors import ModelError
 from ..registry import Registry
 
-__all__ = ["HEADS", "ASPPHead", "DPTHead", "LinearHead", "create_head", "default_head"]
+__all__ = ["DENSE_HEADS", "HEADS", "ASPPHead", "DPTHead", "LinearHead", "create_head", "default_head"]
 
 HEADS: Registry[Callable[..., nn.Module]] = Registry("head")
 _COMMON_ARGS = ("feature_info", "out_channels", "channels", "output_size")
+DENSE_HEADS = ("aspp", "dpt")  # the heads that output a map (what ``model.dense_head`` may name)
 
 
 def conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int = 1, *, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -187,17 +188,24 @@ def create_head(
     return head_cls(feature_info, out_channels, channels=channels, output_size=output_size, **options)
 
 
-def default_head(feature_info: Sequence[FeatureInfo], output: str) -> str:
-    """The head kind for a task's ``output``: "global" -> linear; "dense" -> dpt or aspp.
+def default_head(feature_info: Sequence[FeatureInfo], output: str, dense_head: str | None = None) -> str:
+    """The head kind for a task's ``output``: "global" -> linear; "dense" -> ``dense_head`` if given,
+    else dpt or aspp.
 
     Chosen from what the backbone's blocks output, not its name: an isotropic backbone (every
     block at one stride, as a ViT's token blocks) has no coarse-to-fine pyramid for ASPP's last
     map, so DPT reassembles several of its blocks at different scales; a backbone whose stride
-    grows (a CNN, dilated or not) gets ASPP on its last, most semantic map.
+    grows (a CNN, dilated or not) gets ASPP on its last, most semantic map. A recipe overrides
+    that with ``dense_head``: "dpt" on a CNN fuses its stride-4..32 pyramid top-down, which is
+    what a small image needs when the last map is only a few pixels wide.
     """
     if output == "global":
         return "linear"
     if output == "dense":
+        if dense_head is not None:
+            if dense_head not in DENSE_HEADS:
+                raise ModelError(f"dense head must be one of {', '.join(DENSE_HEADS)}, got {dense_head!r}")
+            return dense_head
         isotropic = len({f.reduction for f in feature_info}) == 1
         return "dpt" if isotropic else "aspp"
     raise ModelError(f"unknown task output {output!r} (expected 'dense' or 'global')")

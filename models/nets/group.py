@@ -89,7 +89,7 @@ class GroupNet(nn.Module):
             if t.output == "global":
                 self.heads[t.name] = StackedMLPHead(self.num_groups, info[-1].num_chs, t.out_channels, hidden)
             else:  # K identical copies, as the paper initialises a task's head in every group
-                head = create_head(default_head(info, t.output), info, t.out_channels,
+                head = create_head(default_head(info, t.output, spec.dense_head), info, t.out_channels,
                                    channels=spec.head_channels, output_size=size)
                 self.heads[t.name] = nn.ModuleList([copy.deepcopy(head) for _ in range(self.num_groups)])
         self.group_logits = nn.Parameter(torch.zeros(len(spec.tasks), self.num_groups))

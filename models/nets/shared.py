@@ -15,7 +15,7 @@ def build_heads(spec: ArchSpec, feature_info: list, tasks: list[TaskHead]) -> nn
     """One head per task, of the kind that suits the backbone and the task's output."""
     size = (spec.image_size, spec.image_size)
     return nn.ModuleDict({
-        t.name: create_head(default_head(feature_info, t.output), feature_info, t.out_channels,
+        t.name: create_head(default_head(feature_info, t.output, spec.dense_head), feature_info, t.out_channels,
                             channels=spec.head_channels, output_size=size)
         for t in tasks
     })
