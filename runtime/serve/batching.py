@@ -73,7 +73,7 @@ class DynamicBatcher:
         self._on_batch = on_batch
         self._pending: deque[_Pending] = deque()
         self._rows = 0
-        self._running = False
+        self._in_executor = 0  # batches handed to the executor and not finished: at most 2
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -93,7 +93,7 @@ class DynamicBatcher:
 
     def wake(self) -> None:
         """Re-check a waiting batch: the requests it waited for may have stopped arriving."""
-        if self._pending and not self._running:
+        if self._pending and not self._in_executor:
             self._dispatch()
 
     async def close(self) -> None:
@@ -106,11 +106,17 @@ class DynamicBatcher:
         self._rows = 0
 
     def _dispatch(self, *, delay_over: bool = False) -> None:
-        """Start a call if the executor is free and the queue should not wait any longer."""
-        if self._running or not self._pending:
+        """Start a call if the executor is free and the queue should not wait any longer.
+
+        A full batch is also handed over while one call runs, so the executor thread goes
+        straight on to it: no round trip through the event loop between two calls under load.
+        """
+        if not self._pending or self._in_executor >= 2:
             return
         if self._rows >= self.max_batch:
             reason = FULL
+        elif self._in_executor:
+            return
         elif not self._arriving():
             reason = NONE_ARRIVING
         elif delay_over or self.max_delay_s == 0:
@@ -170,18 +176,18 @@ class DynamicBatcher:
             except RuntimeError:  # the loop closed while the call ran: nobody is waiting any more
                 pass
 
-        self._running = True
+        self._in_executor += 1
         try:
             self._executor.submit(work)
         except RuntimeError as exc:  # the executor was shut down (server stopping)
-            self._running = False
+            self._in_executor -= 1
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
 
     def _finished(self, batch: list[_Pending], results: list[dict[str, np.ndarray]] | None,
                   error: Exception | None, record: BatchRecord) -> None:
-        self._running = False
+        self._in_executor -= 1
         for index, item in enumerate(batch):
             if item.future.done():
                 continue
