@@ -74,9 +74,14 @@ class ServeOptions:
 
 
 def load_models(options: ServeOptions) -> list[ServedModel]:
-    """Every bundle loaded (sha256-checked), checked for unique names, and run once."""
-    models = [ServedModel(load(bundle, threads=options.intra_op_threads), max_batch=options.max_batch,
-                          max_delay_s=options.max_queue_delay_us / 1e6) for bundle in options.bundles]
+    """Every bundle loaded (sha256-checked), checked for unique names, and run once.
+
+    ONNX Runtime's idle intra-op threads sleep instead of spinning: they share the cores with the
+    event loop, and spinning ones starved it (BENCHMARKS.md, serving: 2 threads on 2 cores).
+    """
+    models = [ServedModel(load(bundle, threads=options.intra_op_threads, spin_wait=False),
+                          max_batch=options.max_batch, max_delay_s=options.max_queue_delay_us / 1e6)
+              for bundle in options.bundles]
     names = [model.name for model in models]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
