@@ -11,10 +11,13 @@ issue asks to work) and a minimal one (http.client, one keep-alive connection, t
 built once), which shows what the server adds without the client library's own cost. Rounds
 alternate between the candidates (the order rotates each round); medians and ranges over rounds:
 
+The in-process reference runs ONNX Runtime as the server does (T threads, ``spin_wait=False``);
+with T > 1 the same with ONNX Runtime's default spinning threads is shown too.
+
 1. latency: one batch-1 request at a time, through the batching server with each client vs
    ``predictor(x)`` in this process; p50 of each round and its difference to in-process. The
-   server's own /metrics split a request into its time inside the server (handler, of which
-   ONNX Runtime and queue) and the rest (loopback HTTP and the client);
+   server's own /metrics split the mean request into its time inside the server (handler, of
+   which ONNX Runtime and queue) and outside it (loopback HTTP and the client);
 2. throughput: 32 client threads sending batch-1 requests for a fixed time, against
    ``predictor(x8)`` (batch 8) in a loop in this process; images per second. The batching
    server's batch-size histogram and why its batches started (/metrics) follow;
@@ -121,13 +124,14 @@ def raw_client(address: str, model: str, image: np.ndarray) -> Callable[[], None
 CLIENTS = {"tritonclient": triton_client, "raw http": raw_client}
 
 
-def p50_ms(fn: Callable[[], object], n: int) -> float:
+def timed_ms(fn: Callable[[], object], n: int) -> tuple[float, float]:
+    """p50 and mean milliseconds of ``n`` calls of ``fn``."""
     times = []
     for _ in range(n):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(times) * 1e3, statistics.mean(times) * 1e3
 
 
 def clients_ips(make: Callable[[], Callable[[], None]], clients: int, seconds: float,
@@ -178,7 +182,8 @@ def server_split(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
     print(f"\n== ONNX Runtime threads {threads} (per server process and in-process); {load_average()}")
-    predictor = load(args.bundle, threads=threads)
+    predictor = load(args.bundle, threads=threads, spin_wait=False)  # as the server runs it
+    spinning = load(args.bundle, threads=threads) if threads > 1 else None
     model = predictor.manifest["name"]
     shape = [1 if d < 0 else d for d in predictor.input_spec["shape"]]
     image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -195,27 +200,33 @@ def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
         batching = servers["batching"]
         # 1. latency
         calls = {"in-process": lambda: predictor(image)}
+        if spinning is not None:
+            calls["in-process, spinning threads"] = lambda: spinning(image)
         calls.update({f"server, {name}": make(batching.address, model, image) for name, make in CLIENTS.items()})
         for fn in calls.values():  # warm connections and caches
             for _ in range(10):
                 fn()
         latency: dict[str, list[float]] = {name: [] for name in calls}
-        split: dict[str, list[dict[str, float]]] = {name: [] for name in calls if name != "in-process"}
+        mean: dict[str, list[float]] = {name: [] for name in calls}
+        split: dict[str, list[dict[str, float]]] = {name: [] for name in calls if name.startswith("server")}
         for r in range(args.rounds):
             for name in rotated(list(calls), r):
                 before = batching.metrics() if name in split else None
-                latency[name].append(p50_ms(calls[name], args.requests))
+                p50, average = timed_ms(calls[name], args.requests)
+                latency[name].append(p50)
+                mean[name].append(average)
                 if before is not None:
                     split[name].append(server_split(before, batching.metrics()))
-        print(f"batch-1 p50, in-process: {spread(latency['in-process'])} ms")
+        print("batch-1 p50, " + "; ".join(f"{name}: {spread(latency[name])} ms" for name in calls
+                                         if not name.startswith("server")))
         for name in split:
             diffs = [s - i for s, i in zip(latency[name], latency["in-process"])]
             inside = {k: statistics.median(d[k] for d in split[name]) for k in split[name][0]}
-            transport = statistics.median(latency[name]) - inside["handler"]
-            print(f"  {name}: p50 {spread(latency[name])} ms; minus in-process {spread(diffs)} ms | mean per "
-                  f"request inside the server {inside['handler']:.2f} ms (ONNX Runtime {inside['onnxruntime']:.2f}, "
+            transport = statistics.median(m - d["handler"] for m, d in zip(mean[name], split[name]))
+            print(f"  {name}: p50 {spread(latency[name])} ms; minus in-process {spread(diffs)} ms | means per "
+                  f"request: inside the server {inside['handler']:.2f} ms (ONNX Runtime {inside['onnxruntime']:.2f}, "
                   f"queued {inside['queue']:.3f}, the rest {inside['handler'] - inside['onnxruntime'] - inside['queue']:.2f}); "
-                  f"outside it (loopback HTTP + client) ~{transport:.2f} ms")
+                  f"outside it (loopback HTTP + client) {transport:.2f} ms")
         # 2. throughput
         candidates: dict[str, Callable[[], float]] = {}
         walls: dict[str, list[float]] = {name: [] for name in servers}
@@ -226,14 +237,16 @@ def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
                 candidates[f"{name}, {client}"] = (lambda s=server, m=make, w=walls[name]: clients_ips(
                     lambda: m(s.address, model, image), args.clients, args.seconds, w))
 
-        def in_process_b8() -> float:
+        def in_process_b8(run: Callable[[np.ndarray], object]) -> float:
             n, start = 0, time.perf_counter()
             while time.perf_counter() - start < args.seconds:
-                predictor(batch8)
+                run(batch8)
                 n += 8
             return n / (time.perf_counter() - start)
 
-        candidates["in-process batch 8"] = in_process_b8
+        candidates["in-process batch 8"] = lambda: in_process_b8(predictor)
+        if spinning is not None:
+            candidates["in-process batch 8, spinning threads"] = lambda: in_process_b8(spinning)
         before = batching.metrics()
         ips: dict[str, list[float]] = {name: [] for name in candidates}
         for r in range(args.rounds):
@@ -245,7 +258,7 @@ def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
         b8 = ips["in-process batch 8"]
         for name, values in ips.items():
             line = f"  {name}: {spread(values, '.0f')}"
-            if name != "in-process batch 8":
+            if not name.startswith("in-process"):
                 line += f"; / in-process batch 8: {spread([v / b for v, b in zip(values, b8)])}"
             if name.startswith("batching, tritonclient"):
                 base = ips["no batching, tritonclient"]
