@@ -17,7 +17,9 @@ with T > 1 the same with ONNX Runtime's default spinning threads is shown too.
 1. latency: one batch-1 request at a time, through the batching server with each client vs
    ``predictor(x)`` in this process; p50 of each round and its difference to in-process. The
    server's own /metrics split the mean request into its time inside the server (handler, of
-   which ONNX Runtime and queue) and outside it (loopback HTTP and the client);
+   which ONNX Runtime and queue) and outside it (loopback HTTP and the client). The "HTTP floor",
+   a bare ASGI app on the same uvicorn answering the server's own response without any work,
+   shows what the HTTP stack and each client cost by themselves;
 2. throughput: 32 client threads sending batch-1 requests for a fixed time, against
    ``predictor(x8)`` (batch 8) in a loop in this process; images per second. The batching
    server's batch-size histogram and why its batches started (/metrics) follow;
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import statistics
 import subprocess
 import sys
@@ -124,6 +127,52 @@ def raw_client(address: str, model: str, image: np.ndarray) -> Callable[[], None
 CLIENTS = {"tritonclient": triton_client, "raw http": raw_client}
 
 
+def _floor_app(answer: bytes, headers: list[tuple[bytes, bytes]]) -> Callable:
+    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
+def _serve_floor(answer: bytes, headers: list[tuple[bytes, bytes]], ports) -> None:
+    """In a child process: uvicorn as ``taskfold serve`` runs it, answering every request with ``answer``."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    ports.put(sock.getsockname()[1])
+    uvicorn.Server(uvicorn.Config(_floor_app(answer, headers), loop="uvloop", http="httptools", lifespan="off",
+                                  log_level="warning")).run(sockets=[sock])
+
+
+def start_floor(address: str, model: str, image: np.ndarray) -> tuple[multiprocessing.Process, str]:
+    """The HTTP floor: a bare ASGI app on the same uvicorn (uvloop, httptools) that answers the
+    server's own response to ``image``, bytes for bytes, without decoding or inferring anything.
+    What a client measures against it is what the HTTP stack and the client cost on their own."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    header = json.dumps({"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": image.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()  # as both clients ask
+    connection.request("POST", f"/v2/models/{model}/infer", header + image.tobytes(),
+                       {"Inference-Header-Content-Length": str(len(header))})
+    response = connection.getresponse()
+    answer = response.read()
+    headers = [(k.lower().encode(), v.encode()) for k, v in response.getheaders()
+               if k.lower() in ("content-type", "content-length", "inference-header-content-length")]
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    process = context.Process(target=_serve_floor, args=(answer, headers, ports), daemon=True)
+    process.start()
+    return process, f"127.0.0.1:{ports.get(timeout=120)}"
+
+
 def timed_ms(fn: Callable[[], object], n: int) -> tuple[float, float]:
     """p50 and mean milliseconds of ``n`` calls of ``fn``."""
     times = []
@@ -203,6 +252,8 @@ def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
         if spinning is not None:
             calls["in-process, spinning threads"] = lambda: spinning(image)
         calls.update({f"server, {name}": make(batching.address, model, image) for name, make in CLIENTS.items()})
+        floor, floor_address = start_floor(batching.address, model, image)
+        calls.update({f"HTTP floor, {name}": make(floor_address, model, image) for name, make in CLIENTS.items()})
         for fn in calls.values():  # warm connections and caches
             for _ in range(10):
                 fn()
@@ -217,13 +268,19 @@ def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
                 mean[name].append(average)
                 if before is not None:
                     split[name].append(server_split(before, batching.metrics()))
+        floor.terminate()
         print("batch-1 p50, " + "; ".join(f"{name}: {spread(latency[name])} ms" for name in calls
-                                         if not name.startswith("server")))
+                                         if name.startswith("in-process")))
+        print("  HTTP floor (uvicorn answering a canned response, no work): " + "; ".join(
+            f"{name.split(', ')[1]} {spread(latency[name])} ms" for name in calls if name.startswith("HTTP floor")))
         for name in split:
             diffs = [s - i for s, i in zip(latency[name], latency["in-process"])]
             inside = {k: statistics.median(d[k] for d in split[name]) for k in split[name][0]}
             transport = statistics.median(m - d["handler"] for m, d in zip(mean[name], split[name]))
-            print(f"  {name}: p50 {spread(latency[name])} ms; minus in-process {spread(diffs)} ms | means per "
+            client = name.split(", ")[1]
+            beyond = [d - f for d, f in zip(diffs, latency[f"HTTP floor, {client}"])]
+            print(f"  {name}: p50 {spread(latency[name])} ms; minus in-process {spread(diffs)} ms, of which beyond "
+                  f"the HTTP floor {spread(beyond)} ms | means per "
                   f"request: inside the server {inside['handler']:.2f} ms (ONNX Runtime {inside['onnxruntime']:.2f}, "
                   f"queued {inside['queue']:.3f}, the rest {inside['handler'] - inside['onnxruntime'] - inside['queue']:.2f}); "
                   f"outside it (loopback HTTP + client) {transport:.2f} ms")
