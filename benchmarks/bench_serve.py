@@ -21,8 +21,9 @@ with T > 1 the same with ONNX Runtime's default spinning threads is shown too.
    a bare ASGI app on the same uvicorn answering the server's own response without any work,
    shows what the HTTP stack and each client cost by themselves;
 2. throughput: 32 client threads sending batch-1 requests for a fixed time, against
-   ``predictor(x8)`` (batch 8) in a loop in this process; images per second. The batching
-   server's batch-size histogram and why its batches started (/metrics) follow;
+   ``predictor(x8)`` (batch 8) in a loop in this process; images per second. In-process batch 1
+   shows what batching can gain at most on this model (batch 8 / batch 1 in one process). The
+   batching server's batch-size histogram and why its batches started (/metrics) follow;
 3. resident memory of each server process (VmRSS) with the bundle loaded, after the runs.
 """
 from __future__ import annotations
@@ -294,16 +295,17 @@ def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
                 candidates[f"{name}, {client}"] = (lambda s=server, m=make, w=walls[name]: clients_ips(
                     lambda: m(s.address, model, image), args.clients, args.seconds, w))
 
-        def in_process_b8(run: Callable[[np.ndarray], object]) -> float:
+        def in_process(run: Callable[[np.ndarray], object], batch: np.ndarray) -> float:
             n, start = 0, time.perf_counter()
             while time.perf_counter() - start < args.seconds:
-                run(batch8)
-                n += 8
+                run(batch)
+                n += len(batch)
             return n / (time.perf_counter() - start)
 
-        candidates["in-process batch 8"] = lambda: in_process_b8(predictor)
+        candidates["in-process batch 8"] = lambda: in_process(predictor, batch8)
+        candidates["in-process batch 1"] = lambda: in_process(predictor, image)  # what batching can gain at most
         if spinning is not None:
-            candidates["in-process batch 8, spinning threads"] = lambda: in_process_b8(spinning)
+            candidates["in-process batch 8, spinning threads"] = lambda: in_process(spinning, batch8)
         before = batching.metrics()
         ips: dict[str, list[float]] = {name: [] for name in candidates}
         for r in range(args.rounds):
@@ -315,7 +317,7 @@ def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
         b8 = ips["in-process batch 8"]
         for name, values in ips.items():
             line = f"  {name}: {spread(values, '.0f')}"
-            if not name.startswith("in-process"):
+            if not name.startswith("in-process batch 8"):
                 line += f"; / in-process batch 8: {spread([v / b for v, b in zip(values, b8)])}"
             if name.startswith("batching, tritonclient"):
                 base = ips["no batching, tritonclient"]
@@ -347,7 +349,7 @@ def main() -> None:
     parser.add_argument("--bundle", default="runs/demo/bundle")
     parser.add_argument("--threads", default="1,2", help="ONNX Runtime thread counts, comma-separated")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=50, help="requests per latency round")
+    parser.add_argument("--requests", type=int, default=100, help="requests per latency round")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--delay-us", type=int, default=2000)
