@@ -4,9 +4,9 @@ concurrent clients with and without dynamic batching, and the server's memory.
     .venv/bin/python benchmarks/bench_serve.py --bundle runs/demo_serve/bundle --threads 1,2
 
 For each ONNX Runtime thread count T (``--threads``, per server process and in-process), servers
-run at once on loopback: ``--max-batch 8 --max-queue-delay-us D`` ("batching") and
-``--max-batch 1`` ("no batching"), plus, with ``--workers W``, a batching server of W processes
-with T/W threads each. Two clients: NVIDIA's tritonclient (binary tensors, its default; what the
+run at once on loopback: ``--max-batch B --max-queue-delay-us D`` ("batching B", for each B of
+``--max-batch``) and ``--max-batch 1`` ("no batching"), plus, with ``--workers W``, a batching
+server of W processes with T/W threads each. Two clients: NVIDIA's tritonclient (binary tensors, its default; what the
 issue asks to work) and a minimal one (http.client, one keep-alive connection, the request body
 built once), which shows what the server adds without the client library's own cost. Rounds
 alternate between the candidates (the order rotates each round); medians and ranges over rounds:
@@ -14,7 +14,7 @@ alternate between the candidates (the order rotates each round); medians and ran
 The in-process reference runs ONNX Runtime as the server does (T threads, ``spin_wait=False``);
 with T > 1 the same with ONNX Runtime's default spinning threads is shown too.
 
-1. latency: one batch-1 request at a time, through the batching server with each client vs
+1. latency: one batch-1 request at a time, through the first batching server with each client vs
    ``predictor(x)`` in this process; p50 of each round and its difference to in-process. The
    server's own /metrics split the mean request into its time inside the server (handler, of
    which ONNX Runtime and queue) and outside it (loopback HTTP and the client). The "HTTP floor",
@@ -230,6 +230,25 @@ def server_split(before: dict[str, float], after: dict[str, float]) -> dict[str,
             "queue": delta("taskfold_queue_duration_seconds_total") / requests * 1e3}
 
 
+def batch_stats(before: dict[str, float], after: dict[str, float], wall_s: float) -> str:
+    """Batch sizes, why batches started, and how busy ONNX Runtime was, between two /metrics scrapes."""
+    def delta(prefix: str, label: str) -> dict[str, float]:
+        return {k.split(f'{label}="')[1].split('"')[0]: after[k] - before.get(k, 0.0) for k in after
+                if k.startswith(prefix)}
+
+    cumulative = delta("taskfold_batch_size_bucket", "le")
+    calls, histogram, below = cumulative["+Inf"], [], 0.0
+    for bound, count in cumulative.items():
+        if count - below:
+            histogram.append(f"<={bound}: {(count - below) / calls:.0%}")
+        below = count
+    reasons = delta("taskfold_batch_dispatch_total", "reason")
+    busy = sum(after[k] - before.get(k, 0.0) for k in after if k.startswith("taskfold_compute_duration"))
+    return (f"{calls:.0f} ONNX Runtime calls, batch sizes {', '.join(histogram)}; started because "
+            + ", ".join(f"{k} {v:.0f}" for k, v in reasons.items()) + f"; ONNX Runtime busy {busy / wall_s:.0%} "
+            "of the wall time")
+
+
 def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
     print(f"\n== ONNX Runtime threads {threads} (per server process and in-process); {load_average()}")
     predictor = load(args.bundle, threads=threads, spin_wait=False)  # as the server runs it
@@ -238,16 +257,17 @@ def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
     shape = [1 if d < 0 else d for d in predictor.input_spec["shape"]]
     image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     batch8 = np.repeat(image, 8, axis=0)
-    servers = {"batching": Server(args.bundle, tmp / f"b{threads}.log", "--threads", str(threads), "--max-batch", "8",
-                                  "--max-queue-delay-us", str(args.delay_us)),
-               "no batching": Server(args.bundle, tmp / f"s{threads}.log", "--threads", str(threads),
-                                     "--max-batch", "1")}
+    flags = ("--threads", str(threads), "--max-queue-delay-us", str(args.delay_us))
+    sizes = [int(b) for b in args.max_batch.split(",")]
+    servers = {f"batching {b}": Server(args.bundle, tmp / f"b{b}-{threads}.log", *flags, "--max-batch", str(b))
+               for b in sizes}
+    servers["no batching"] = Server(args.bundle, tmp / f"s{threads}.log", *flags, "--max-batch", "1")
     if args.workers > 1:
-        servers[f"batching, {args.workers} workers"] = Server(
+        servers[f"batching {sizes[0]}, {args.workers} workers"] = Server(
             args.bundle, tmp / f"w{threads}.log", "--workers", str(args.workers), "--threads",
-            str(max(1, threads // args.workers)), "--max-batch", "8", "--max-queue-delay-us", str(args.delay_us))
+            str(max(1, threads // args.workers)), "--max-queue-delay-us", str(args.delay_us), "--max-batch", str(sizes[0]))
     try:
-        batching = servers["batching"]
+        batching = servers[f"batching {sizes[0]}"]
         # 1. latency
         calls = {"in-process": lambda: predictor(image)}
         if spinning is not None:
@@ -306,12 +326,12 @@ def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
         candidates["in-process batch 1"] = lambda: in_process(predictor, image)  # what batching can gain at most
         if spinning is not None:
             candidates["in-process batch 8, spinning threads"] = lambda: in_process(spinning, batch8)
-        before = batching.metrics()
+        single = [name for name in servers if "workers" not in name and name != "no batching"]
+        before = {name: servers[name].metrics() for name in single}
         ips: dict[str, list[float]] = {name: [] for name in candidates}
         for r in range(args.rounds):
             for name in rotated(list(candidates), r):
                 ips[name].append(candidates[name]())
-        after = batching.metrics()
         print(f"{args.clients} clients x batch 1, images/s (median and range over {args.rounds} rounds of "
               f"{args.seconds:g} s):")
         b8 = ips["in-process batch 8"]
@@ -319,24 +339,12 @@ def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
             line = f"  {name}: {spread(values, '.0f')}"
             if not name.startswith("in-process batch 8"):
                 line += f"; / in-process batch 8: {spread([v / b for v, b in zip(values, b8)])}"
-            if name.startswith("batching, tritonclient"):
+            if name.startswith("batching") and name.endswith("tritonclient"):
                 base = ips["no batching, tritonclient"]
                 line += f"; / no batching: {spread([v / b for v, b in zip(values, base)])}"
             print(line)
-        sizes = {k.split('le="')[1].split('"')[0]: after[k] - before.get(k, 0.0) for k in after
-                 if k.startswith("taskfold_batch_size_bucket")}
-        calls_n = sizes["+Inf"]
-        histogram, below = [], 0.0
-        for bound, cumulative in sizes.items():
-            if cumulative - below:
-                histogram.append(f"<={bound}: {(cumulative - below) / calls_n:.0%}")
-            below = cumulative
-        reasons = {k.split('reason="')[1].split('"')[0]: after[k] - before.get(k, 0.0) for k in after
-                   if k.startswith("taskfold_batch_dispatch_total")}
-        busy = sum(after[k] - before.get(k, 0.0) for k in after if k.startswith("taskfold_compute_duration"))
-        print(f"  batching server, throughput runs: {calls_n:.0f} ONNX Runtime calls, batch sizes "
-              f"{', '.join(histogram)}; started because " + ", ".join(f"{k} {v:.0f}" for k, v in reasons.items())
-              + f"; ONNX Runtime busy {busy / sum(walls['batching']):.0%} of its runs' wall time")
+        for name in single:
+            print(f"  {name}, throughput runs: {batch_stats(before[name], servers[name].metrics(), sum(walls[name]))}")
         # 3. memory
         print("resident memory: " + ", ".join(f"{name} {server.rss_mib():.0f} MiB" for name, server in servers.items()))
     finally:
@@ -353,6 +361,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--delay-us", type=int, default=2000)
+    parser.add_argument("--max-batch", default="8,16", help="a batching server for each, comma-separated")
     parser.add_argument("--workers", type=int, default=1, help="also a batching server of this many processes")
     args = parser.parse_args()
     print(cpu_line())
