@@ -281,7 +281,7 @@ def measure(args: argparse.Namespace, threads: int, tmp: Path) -> None:
         latency: dict[str, list[float]] = {name: [] for name in calls}
         mean: dict[str, list[float]] = {name: [] for name in calls}
         split: dict[str, list[dict[str, float]]] = {name: [] for name in calls if name.startswith("server")}
-        for r in range(args.rounds):
+        for r in range(args.latency_rounds):
             for name in rotated(list(calls), r):
                 before = batching.metrics() if name in split else None
                 p50, average = timed_ms(calls[name], args.requests)
@@ -358,6 +358,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="ONNX Runtime thread counts, comma-separated")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=100, help="requests per latency round")
+    parser.add_argument("--latency-rounds", type=int, default=9)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--delay-us", type=int, default=2000)
