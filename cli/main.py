@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -68,6 +69,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
     from taskfold.cli.pipeline import run_pipeline
     from taskfold.trainer.run_target import new_run_dir
 
+    _join_process_group()
     if args.resume:
         return run_pipeline(None, Path(args.resume), resume=_resume_overrides(args))
     cfg = _load_config(args.config, args.set)
@@ -76,12 +78,38 @@ def cmd_run(args: argparse.Namespace) -> dict:
         return run_pipeline(cfg, target.path, started=target.started)
 
 
+def _join_process_group() -> None:
+    """Under torchrun (or ``--nproc``), become one rank of a DDP run (see trainer/distributed.py)."""
+    from taskfold.trainer import distributed
+
+    distributed.init_from_env()
+
+
+def _launch_ranks(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--nproc N``: check the recipe here (one line, exit 2), then start N ranks of this command."""
+    require_extra("train", f"taskfold {args.command} --nproc")
+    from taskfold.trainer.distributed import launch
+
+    if args.config is not None and not args.resume:
+        _load_config(args.config, args.set)
+    rest, skip = [], False
+    for item in argv:  # the ranks run this command without --nproc
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            rest.append(item)
+    return launch(args.nproc, rest)
+
+
 def cmd_train(args: argparse.Namespace) -> dict:
     require_extra("train", "taskfold train")
     from taskfold.trainer.loop import train_stages
     from taskfold.trainer.resume import resume_stages
     from taskfold.trainer.run_target import new_run_dir
 
+    _join_process_group()
     if args.resume:
         summary, final_dir = resume_stages(args.resume, _resume_overrides(args))
         return {"run_dir": str(final_dir), "test": summary["test"]}
@@ -319,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue a killed or stopped run from its last checkpoint (--set may change only "
                             "train.epochs, logging, checkpointing, bench, report and compile fields)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                       help="train with N data-parallel processes on this machine (DDP; the same as "
+                            "`torchrun --nproc_per_node=N -m taskfold.cli " + name + " ...`); train.batch_size is "
+                            "the global batch")
         add_json(p)
 
     p = command("compile", "compile a run directory into a bundle (ONNX + manifest)",
@@ -382,9 +414,25 @@ COMMANDS = {"run": cmd_run, "train": cmd_train, "compile": cmd_compile, "bench":
             "predict": cmd_predict, "flops": cmd_flops, "report": cmd_report, **serving.COMMANDS}
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _other_rank() -> bool:
+    """A DDP rank other than 0 (prints nothing: rank 0 speaks for the run)."""
+    module = sys.modules.get("taskfold.trainer.distributed")
+    return module is not None and not module.is_main()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch_ranks(args, argv)
         result = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("taskfold: interrupted", file=sys.stderr)
@@ -394,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"taskfold {args.command}: error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
         raise
+    if _other_rank():
+        return 0
     if args.json:
         print(json.dumps(result, default=float))
     else:

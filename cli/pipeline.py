@@ -29,6 +29,7 @@ def run_pipeline(cfg: Config | None, run_dir: Path, *, started: Callable[[], Non
     straight on to compiling."""
     from taskfold.compiler.compile_run import compile_run
     from taskfold.runtime import benchmark, load
+    from taskfold.trainer import distributed
     from taskfold.trainer.loop import train_stages
     from taskfold.trainer.resume import resume_stages
     from taskfold.trainer.rundir import RunDir
@@ -46,6 +47,8 @@ def run_pipeline(cfg: Config | None, run_dir: Path, *, started: Callable[[], Non
 
             raise ConfigError(f"cannot resume: run {top} is finished (trained, tested and compiled)")
         summary = summary or {"test": RunDir(run_dir).test_metrics()}
+    if not distributed.is_main():  # DDP: rank 0 alone compiles, benchmarks and reports
+        return {"run_dir": str(run_dir), "test": summary["test"]}
     bundle = compile_run(run_dir)  # the recipe's compile.* (TensorRT, INT8, FP16, ...) in the run's config.yaml
     manifest = json.loads((bundle / "manifest.json").read_text())
     rows = []

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from taskfold.trainer import distributed
 from taskfold.trainer.config import ConfigError
 
 WEIGHTS = "model.safetensors"
@@ -122,7 +123,10 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, state: dict) -> None:
 
 
 def recover(folder: Path) -> None:
-    """Put a whole checkpoint back at ``folder`` after a crash in the middle of a swap."""
+    """Put a whole checkpoint back at ``folder`` after a crash in the middle of a swap (rank 0's
+    job in a DDP run: the other ranks wait for it, see :mod:`taskfold.trainer.resume`)."""
+    if not distributed.is_main():
+        return
     new, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
     if folder.exists():
         if old.exists():

@@ -76,6 +76,7 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16 (torch.autocast; a GradScaler for fp16)
     channels_last: bool = False  # NHWC memory order for the network and its input images (CNNs)
+    sync_bn: bool = False  # DDP: BatchNorm batch statistics over the global batch (all ranks), not per rank
 
 
 @dataclass

@@ -21,6 +21,8 @@ from tqdm import tqdm
 
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.backbones import BACKBONES
+from taskfold.models.layers.sync_batchnorm import convert_sync_batchnorm
+from taskfold.trainer import distributed
 from taskfold.trainer.amp import MixedPrecision
 from taskfold.trainer.checkpoint import EpochCursor, cursor_state, rng_state, set_rng_state
 from taskfold.trainer.config import Config, ConfigError, save_config
@@ -73,19 +75,24 @@ EVAL_BATCH_SIZE = 64
 def build_loaders(cfg: Config, datasets: dict, *, arch_fraction: float = 0.0,
                   pin_memory: bool = False) -> dict[str, SplitLoader]:
     """The train split shuffled from ``train.seed`` (split into weight/architecture batches), the
-    others in order; ``pin_memory`` when batches go to a CUDA device."""
+    others in order; ``pin_memory`` when batches go to a CUDA device. In a DDP run each rank reads
+    its share of every batch (``train.batch_size`` is the global batch)."""
+    ranks = {"rank": distributed.rank(), "world_size": distributed.world_size()}
     plans = {"train": EpochBatches(len(datasets["train"]), cfg.train.batch_size, seed=cfg.train.seed,
-                                   arch_fraction=arch_fraction)}
+                                   arch_fraction=arch_fraction, **ranks)}
     loaders = {"train": SplitLoader(datasets["train"], plans["train"], workers=cfg.data.workers,
                                     pin_memory=pin_memory)}
     for split in ("val", "test"):
-        loaders[split] = eval_loader(datasets[split], workers=cfg.data.workers, pin_memory=pin_memory)
+        loaders[split] = eval_loader(datasets[split], workers=cfg.data.workers, pin_memory=pin_memory, **ranks)
     return loaders
 
 
-def eval_loader(dataset, *, workers: int | None = None, pin_memory: bool = False) -> SplitLoader:
-    """A split read once in order, in batches of EVAL_BATCH_SIZE (what :func:`evaluate` walks)."""
-    return SplitLoader(dataset, EpochBatches(len(dataset), EVAL_BATCH_SIZE, shuffle=False),
+def eval_loader(dataset, *, workers: int | None = None, pin_memory: bool = False, rank: int = 0,
+                world_size: int = 1) -> SplitLoader:
+    """A split read once in order, in batches of EVAL_BATCH_SIZE (what :func:`evaluate` walks);
+    under DDP, this rank's share of each batch."""
+    return SplitLoader(dataset, EpochBatches(len(dataset), EVAL_BATCH_SIZE, shuffle=False, rank=rank,
+                                             world_size=world_size),
                        workers=workers, pin_memory=pin_memory)
 
 
@@ -135,7 +142,7 @@ def create_optimizer(name: str, params: list[dict], *, lr: float, weight_decay: 
 def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState:
     """Validate everything that can be wrong before the first step, then build the run
     (``resume``: into the existing run directory, whose files are kept; see :func:`resume_point`)."""
-    device = resolve_device(cfg.train.device)  # CUDA asked for where there is none: refused before any work
+    device = distributed.rank_device(resolve_device(cfg.train.device))  # no CUDA: refused before any work
     torch.manual_seed(cfg.train.seed)
     method = create_method(cfg.method)
     BACKBONES.get(cfg.model.backbone)  # a misspelt backbone fails now, not after the datasets are built
@@ -149,6 +156,9 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState
     tasks = build_tasks(cfg, datasets["train"].info)
     spec = build_spec(cfg, tasks)
     model = method.build(spec, backbone_weights=cfg.model.weights)
+    distributed.broadcast_module(model)  # every rank starts from rank 0's network (DDP's start-up broadcast)
+    if cfg.train.sync_bn and distributed.active():
+        convert_sync_batchnorm(model)
     model.to(device)  # in place: the parameters a method's own optimiser holds (alpha) move with it
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -161,14 +171,18 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState
     optimizer = make_optimizer(cfg, groups)
     if hasattr(method, "attach_optimizer"):  # optional: methods that reset its state (BMTAS)
         method.attach_optimizer(optimizer)
-    run = RunDir(run_dir)
-    if resume:
-        save_config(cfg, run.config_path)  # the safe changes --set made (see trainer/resume.py)
-    else:
-        run.create(cfg)
-    run.run_info_path.write_text(json.dumps({**describe(device), "amp": cfg.train.amp,
-                                             "channels_last": cfg.train.channels_last}, indent=2) + "\n")
-    spec.save(run.arch_path)
+    run = RunDir(run_dir, writable=distributed.is_main())  # only rank 0 writes
+    if run.writable:
+        if resume:
+            save_config(cfg, run.config_path)  # the safe changes --set made (see trainer/resume.py)
+        else:
+            run.create(cfg)
+        run.run_info_path.write_text(json.dumps({**describe(device), "amp": cfg.train.amp,
+                                                 "channels_last": cfg.train.channels_last,
+                                                 "processes": distributed.world_size(),
+                                                 "sync_bn": cfg.train.sync_bn and distributed.active()},
+                                                indent=2) + "\n")
+        spec.save(run.arch_path)
     return RunState(cfg, run, spec, method, model, tasks, datasets, loaders, optimizer, weighting,
                     device=device, precision=precision)
 
@@ -178,8 +192,11 @@ def evaluate(model: nn.Module, data: SplitLoader, tasks: list, state: RunState |
     """Each task's metrics over a whole split, plus its mean ``loss`` (NormGain_L needs it).
 
     ``state``: a training run's (its device, memory format and autocast); without one the batches
-    are used as the loader gives them (the compiler scores an ONNX network this way)."""
+    are used as the loader gives them (the compiler scores an ONNX network this way). In a DDP run
+    each rank scores its share with rank 0's BatchNorm statistics and the meters are merged, so
+    every rank gets the one-process result."""
     was_training = model.training
+    distributed.broadcast_buffers(model)
     model.eval()
     meters = {t.name: t.new_meter() for t in tasks}
     loss_sums: dict = {t.name: 0.0 for t in tasks}  # float64 tensors on the device once a batch is in
@@ -193,7 +210,10 @@ def evaluate(model: nn.Module, data: SplitLoader, tasks: list, state: RunState |
             meters[t.name].update(outputs[t.name], targets[t.target])
             loss_sums[t.name] += t.loss(outputs[t.name], targets[t.target]).detach().double() * len(images)
     model.train(was_training)
-    return {name: {**meter.compute(), "loss": float(loss_sums[name]) / len(dataset)} for name, meter in meters.items()}
+    meters = distributed.merge_meters(meters)
+    losses = distributed.sum_over_ranks(torch.tensor([float(loss_sums[name]) for name in meters], dtype=torch.float64))
+    return {name: {**meter.compute(), "loss": float(loss) / len(dataset)}
+            for (name, meter), loss in zip(meters.items(), losses)}
 
 
 def forward_losses(state: RunState, images: torch.Tensor, targets: dict) -> dict[str, torch.Tensor]:
@@ -203,9 +223,11 @@ def forward_losses(state: RunState, images: torch.Tensor, targets: dict) -> dict
         return state.method.task_losses(state.model, outputs, targets, state.tasks)
 
 
-def update(state: RunState, losses: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, float]:
+def update(state: RunState, losses: dict[str, torch.Tensor], epoch: int, step: int, rows: int = 1
+           ) -> dict[str, float]:
     """The strategy's backward pass of ``losses`` and the optimiser step (through the fp16 scaler
-    when there is one); returns the strategy's values to log."""
+    when there is one); returns the strategy's values to log. In a DDP run the combined gradient
+    is averaged over ranks (weighted by each rank's ``rows``) before the step."""
     model = state.model
     ctx = StepContext(
         shared_params=list(model.shared_parameters()) if hasattr(model, "shared_parameters") else [],
@@ -216,6 +238,7 @@ def update(state: RunState, losses: dict[str, torch.Tensor], epoch: int, step: i
     )
     state.optimizer.zero_grad(set_to_none=True)
     weight_logs = state.weighting.backward(losses, ctx)
+    distributed.average_gradients([p for group in state.optimizer.param_groups for p in group["params"]], rows)
     state.precision.step(state.optimizer)
     return weight_logs
 
@@ -225,17 +248,19 @@ def weight_step(state: RunState, images: torch.Tensor, targets: dict, epoch: int
     """One whole weight update on a batch (no non-finite guard: tests and benchmarks); returns the
     losses and the strategy's values to log."""
     losses = forward_losses(state, images, targets)
-    return losses, update(state, losses, epoch, step)
+    return losses, update(state, losses, epoch, step, len(images))
 
 
 class NonFiniteLoss(ValueError):
     """A task's loss became NaN or inf during training (``train.on_nonfinite: stop``)."""
 
 
-def loss_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+def loss_values(losses: dict[str, torch.Tensor], rows: int = 1) -> dict[str, float]:
     """Each task's loss as a Python float, read from the device in one transfer: the step's one
-    host sync, which the non-finite guard needs before the update anyway."""
-    return dict(zip(losses, torch.stack([loss.detach() for loss in losses.values()]).double().tolist()))
+    host sync, which the non-finite guard needs before the update anyway. In a DDP run: the global
+    batch's mean (``rows``: this rank's batch size), so every rank takes the same decision."""
+    values = distributed.average_rows(torch.stack([loss.detach() for loss in losses.values()]).double(), rows)
+    return dict(zip(losses, values.tolist()))
 
 
 def trainer_state(state: RunState, cursor: EpochCursor) -> dict:
@@ -243,7 +268,7 @@ def trainer_state(state: RunState, cursor: EpochCursor) -> dict:
     return {"cursor": cursor_state(cursor), "optimizer": state.optimizer.state_dict(),
             "method": state.method.state_dict(state.model), "weighting": state.weighting.state_dict(),
             "rng": rng_state(), "metrics_bytes": state.run.metrics_path.stat().st_size,
-            "precision": state.precision.state_dict()}
+            "precision": state.precision.state_dict(), "processes": distributed.world_size()}
 
 
 def restore(state: RunState, saved: dict) -> None:
@@ -257,7 +282,12 @@ def restore(state: RunState, saved: dict) -> None:
 
 
 def _checkpoint(state: RunState, cursor: EpochCursor) -> None:
-    state.run.save_checkpoint(state.model, trainer_state(state, cursor))
+    """Rank 0 writes the checkpoint, once every rank is checked to hold the same network."""
+    distributed.broadcast_buffers(state.model)
+    if distributed.active():
+        distributed.check_ranks_agree(state.model)
+    if state.run.writable:
+        state.run.save_checkpoint(state.model, trainer_state(state, cursor))
 
 
 def _train_epoch(state: RunState, cursor: EpochCursor, total_steps: int, saved: dict | None = None) -> None:
@@ -278,7 +308,7 @@ def _train_epoch(state: RunState, cursor: EpochCursor, total_steps: int, saved: 
     n_weight = train.batches.weight_batches
     arch_logs: dict[str, float] = {}
     bar = tqdm(total=n_weight, initial=cursor.weight_index + 1, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-               disable=not cfg.train.progress, leave=False)
+               disable=not (cfg.train.progress and state.run.writable), leave=False)
     model.train()
     for kind, images, targets in train.epoch(epoch, skip=cursor.consumed):
         cursor.consumed += 1
@@ -291,12 +321,12 @@ def _train_epoch(state: RunState, cursor: EpochCursor, total_steps: int, saved: 
         cursor.weight_index += 1
         bar.update()
         losses = forward_losses(state, images, targets)
-        values = loss_values(losses)
+        values = loss_values(losses, len(images))
         bad = next((name for name, value in values.items() if not math.isfinite(value)), None)
         if bad is not None:
             _on_nonfinite(state, cursor, bad, values[bad])
             continue
-        weight_logs = update(state, losses, epoch, cursor.step)
+        weight_logs = update(state, losses, epoch, cursor.step, len(images))
         for name, value in values.items():
             cursor.sums[name] = cursor.sums.get(name, 0.0) + value
             cursor.epoch_sums[name] = cursor.epoch_sums.get(name, 0.0) + value
@@ -361,7 +391,11 @@ def finish(state: RunState) -> dict:
     """Test metrics, the method's read-off into arch.json; returns a summary."""
     test = evaluate(state.model, state.loaders["test"], state.tasks, state)
     state.spec.decision = state.method.read_off(state.model)
-    state.spec.save(state.run.arch_path)
+    if distributed.active():  # every rank ends with the same network and decision (else RanksDiverged)
+        prints = distributed.check_ranks_agree(state.model, state.spec.decision)
+        state.run.log({"type": "processes", "count": distributed.world_size(), "fingerprints": prints})
+    if state.run.writable:
+        state.spec.save(state.run.arch_path)
     state.run.log({"type": "test", "test": test})
     return {"test": test, "directions": {t.name: t.metrics for t in state.tasks},
             "main_metric": {t.name: t.main_metric for t in state.tasks},
@@ -380,7 +414,9 @@ def train(cfg: Config, run_dir: str | Path, *, started: Callable[[], None] | Non
         if started is not None:
             started()
         fit(state)
-        return finish(state)
+        summary = finish(state)
+    distributed.barrier()  # a follow-up stage on another rank reads what rank 0 wrote
+    return summary
 
 
 def train_stages(cfg: Config, run_dir: str | Path, *, started: Callable[[], None] | None = None) -> tuple[dict, Path]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from taskfold.trainer.checkpoint import cursor_from_state, load_trainer_state
+from taskfold.trainer import distributed
+from taskfold.trainer.checkpoint import cursor_from_state, load_trainer_state, recover
 from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.loop import finish, fit, setup, train, train_follow_ups
 from taskfold.trainer.methods import create_method
@@ -60,13 +61,20 @@ def resume_config(run: RunDir, overrides: list[str]) -> Config:
 
 def _resume_stage(cfg: Config, run: RunDir) -> dict:
     """Continue the unfinished stage ``run`` from its last checkpoint; returns its summary."""
+    recover(run.checkpoints / "last")  # rank 0 puts a checkpoint cut mid-swap back; the other ranks wait
+    distributed.barrier()
     saved = load_trainer_state(run.checkpoints / "last")
+    processes = saved.get("processes", 1)
+    if processes != distributed.world_size():  # each rank's share of a batch would change
+        raise ConfigError(f"cannot resume {run.path}: it was trained by {processes} process(es); resume it with "
+                          f"the same number (--nproc {processes}), not {distributed.world_size()}")
     with folder_lock(run.path):
         state = setup(cfg, run.path, resume=True)
-        with open(run.metrics_path, "r+b") as handle:  # drop what came after the checkpoint
-            handle.truncate(saved["metrics_bytes"])
-            handle.flush()
-            os.fsync(handle.fileno())
+        if state.run.writable:
+            with open(run.metrics_path, "r+b") as handle:  # drop what came after the checkpoint
+                handle.truncate(saved["metrics_bytes"])
+                handle.flush()
+                os.fsync(handle.fileno())
         fit(state, cursor_from_state(saved["cursor"]), saved)
         return finish(state)
 

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from taskfold.trainer import distributed
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.runlock import folder_lock
 
@@ -27,15 +28,16 @@ ASIDE_SUFFIX = ".replaced"
 class RunTarget:
     """The folder a new run goes into; :meth:`started` commits a replacement of an old run."""
 
-    def __init__(self, path: Path, aside: Path | None, created: bool) -> None:
+    def __init__(self, path: Path, aside: Path | None, created: bool, *, owner: bool = True) -> None:
         self.path = path
+        self._owner = owner  # False on the ranks other than 0 of a DDP run: nothing to commit or undo
         self._aside = aside  # the old run, moved out of the way
         self._created = created  # the folder did not exist before
         self._started = False
 
     def started(self) -> None:
         """The new run has started cleanly: the old run it replaces can go."""
-        if self._started:
+        if self._started or not self._owner:
             return
         self._started = True
         if self._aside is not None:
@@ -44,7 +46,7 @@ class RunTarget:
 
     def _abandon(self) -> None:
         """The new run failed before it started: remove what it wrote, put the old run back."""
-        if self._started:
+        if self._started or not self._owner:
             return
         if self._created:
             shutil.rmtree(self.path, ignore_errors=True)
@@ -64,6 +66,9 @@ def new_run_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     (or leaves normally). An exception before that restores the old run.
     """
     path = Path(path)
+    if not distributed.is_main():  # DDP: rank 0 checks and prepares the folder; the others never touch it
+        yield RunTarget(path, None, created=False, owner=False)
+        return
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run directory {path} is a file")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,11 @@ from taskfold.trainer.checkpoint import WEIGHTS, recover, save_checkpoint
 class RunDir:
     """Paths and readers/writers of one run directory."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, writable: bool = True) -> None:
+        """``writable=False``: a view that reads but never writes (the ranks other than 0 of a DDP
+        run: only rank 0 writes the run directory, see :mod:`taskfold.trainer.distributed`)."""
         self.path = Path(path)
+        self.writable = writable
 
     @property
     def config_path(self) -> Path:
@@ -69,11 +72,15 @@ class RunDir:
         return self.stages()[-1]
 
     def create(self, cfg: Config) -> None:
+        if not self.writable:
+            return
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.config_path)
         self.metrics_path.write_text("")
 
     def log(self, record: dict) -> None:
+        if not self.writable:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -122,6 +129,8 @@ class RunDir:
 
     def save_checkpoint(self, model: nn.Module, trainer_state: dict, tag: str = "last") -> None:
         """The weights and everything a resume needs, atomically (see :mod:`taskfold.trainer.checkpoint`)."""
+        if not self.writable:
+            return
         save_checkpoint(self.checkpoints / tag, model, trainer_state)
 
     def load_weights(self, model: nn.Module, tag: str = "last") -> None:

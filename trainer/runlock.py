@@ -20,6 +20,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from taskfold.trainer import distributed
+
 LOCK_SUFFIX = ".taskfold-lock"
 
 
@@ -72,7 +74,11 @@ def _acquire(lock: Path, folder: Path, what: str) -> int | None:
 def folder_lock(folder: str | os.PathLike[str], what: str = "run directory") -> Iterator[None]:
     """Hold the lock of ``folder`` for the ``with`` block; re-entrant. ``folder`` need not
     exist, its parent must. Raises :class:`RunInUse` naming the holder's PID when another
-    process holds it."""
+    process holds it. In a DDP run only rank 0 takes the lock (the other ranks never write the
+    folder, and would otherwise wait on their own rank 0)."""
+    if not distributed.is_main():
+        yield
+        return
     lock = lock_file_for(folder)
     entry = _held.get(lock)
     if entry is None:

@@ -109,7 +109,16 @@ class EpochBatches:
     @property
     def weight_batches(self) -> int:
         """Weight steps per epoch."""
-        return -(-(self.num_samples - self.arch_samples) // self.batch_size)
+        samples = self.num_samples - self.arch_samples
+        batches = -(-samples // self.batch_size)
+        if self._drops_short and 0 < samples % self.batch_size < self.world_size:
+            batches -= 1  # see plan(): a last batch smaller than the number of ranks is left out
+        return batches
+
+    @property
+    def _drops_short(self) -> bool:
+        """Training under DDP: every rank must take every step, so each needs a row of every batch."""
+        return self.shuffle and self.world_size > 1
 
     def plan(self, epoch: int, skip: int = 0) -> list[str]:
         """Draw epoch ``epoch``'s order (one ``randperm`` from the generator when shuffling); the
@@ -129,6 +138,10 @@ class EpochBatches:
                 ordered.append((ARCH, arch[done]))
                 done += 1
             ordered.append((WEIGHT, batch))
+        if self._drops_short:  # a last batch with fewer samples than ranks: left out of the epoch
+            ordered = [(kind, batch) for kind, batch in ordered if len(batch) >= self.world_size]
+        elif self.world_size > 1:  # evaluation: a rank whose share of the last batch is empty skips it
+            ordered = [(kind, batch) for kind, batch in ordered if self._shard(batch)]
         ordered = ordered[skip:]
         self._batches = [[SampleKey(index, seed) for index in self._shard(batch)] for _, batch in ordered]
         return [kind for kind, _ in ordered]

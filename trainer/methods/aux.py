@@ -17,6 +17,7 @@ from torch import nn
 from taskfold.models.arch import ArchSpec
 from taskfold.models.nets import build_network
 from taskfold.models.nets.aux import AuxNet
+from taskfold.trainer import distributed
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.methods.base import METHODS, Progress
 from taskfold.trainer.methods.plain import per_task_losses, weighted_total
@@ -125,6 +126,7 @@ class AuxMethod:
         grads = torch.autograd.grad(total, params)
         for p, g in zip(params, grads):
             p.grad = g
+        distributed.average_gradients(params, len(images))  # DDP: the global batch's gradient
         self.alpha_optimizer.step()
         self.alpha_optimizer.zero_grad(set_to_none=True)
         return {"lambda": lam, **self._alpha_summary(model)}

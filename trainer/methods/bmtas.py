@@ -54,6 +54,7 @@ from taskfold.models.nets import build_network
 from taskfold.models.nets.branch import BranchNet, reset_bn_stats, set_bn_stat_tracking
 from taskfold.models.nets.branched import BranchedNet, node_key
 from taskfold.models.nets.tree import TreeError, tree_macs
+from taskfold.trainer import distributed
 from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
 from taskfold.trainer.methods.plain import Stateless, load_weights_into, per_task_losses, weighted_total
@@ -182,6 +183,7 @@ class BMTASSearch:
         total = weighted_total(losses, tasks) + self.options.resource_lambda * resource / sum(model.block_macs)
         (grad,) = torch.autograd.grad(total, [model.alpha])
         model.alpha.grad = grad
+        distributed.average_gradients([model.alpha], len(images))  # DDP: the global batch's gradient
         self.alpha_optimizer.step()
         self.alpha_optimizer.zero_grad(set_to_none=True)
         routing = model.routing()

@@ -34,6 +34,22 @@ class Meter(Protocol):
     def compute(self) -> dict[str, float]:
         """Metrics over everything seen so far (NaN where nothing valid was seen)."""
 
+    def merge(self, other: "Meter") -> None:
+        """Add what ``other`` (the same kind of meter, on another share of the split) has seen:
+        how a DDP evaluation combines its ranks (see :class:`SummedMeter`)."""
+
+
+class SummedMeter:
+    """A meter whose state is the attributes named in ``sums`` (numbers, tensors, arrays or
+    lists), each the sum (lists: the concatenation) of what every batch added, so two meters
+    merge by adding those attributes."""
+
+    sums: tuple[str, ...] = ()
+
+    def merge(self, other: "SummedMeter") -> None:
+        for name in self.sums:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
 
 class Task(ABC):
     """One task of a multi-task network, built by :func:`create_task` from a config entry.

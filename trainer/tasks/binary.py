@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from taskfold.trainer.tasks.base import (
-    TASKS, Task, check_shapes, label_count, option_error, weighted_bce,
+    TASKS, SummedMeter, Task, check_shapes, label_count, option_error, weighted_bce,
 )
 
 _NAN = float("nan")
@@ -108,8 +108,10 @@ class SaliencyTask(Task):
         return SaliencyMeter(self.thresholds, self.ignore_index)
 
 
-class ThresholdMeter:
+class ThresholdMeter(SummedMeter):
     """TP/FP/FN of ``sigmoid(pred) > t`` for each threshold t, pooled over the split."""
+
+    sums = ("tp", "fp", "fn", "pixels")
 
     def __init__(self, thresholds: list[float], ignore_index: int | None) -> None:
         self.thresholds = torch.tensor(thresholds, dtype=torch.float64)
@@ -195,8 +197,10 @@ def _columns(target: torch.Tensor, select: list[int] | None) -> torch.Tensor:
     return target if select is None else target[:, select]
 
 
-class AttributeErrorMeter:
+class AttributeErrorMeter(SummedMeter):
     """Wrong decisions over all (sample, attribute) pairs seen."""
+
+    sums = ("wrong", "count")
 
     def __init__(self, select: list[int] | None) -> None:
         self.select = select

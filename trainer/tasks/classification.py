@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from taskfold.trainer.tasks.base import TASKS, Task, check_choice, label_count
+from taskfold.trainer.tasks.base import TASKS, SummedMeter, Task, check_choice, label_count
 
 
 def _hard_labels(target: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,10 @@ class ClassificationTask(Task):
         return TopKMeter(self.classes)
 
 
-class TopKMeter:
+class TopKMeter(SummedMeter):
     """Counts samples whose label is the best guess (top-1) or among the 5 best (top-5)."""
+
+    sums = ("top1", "top5", "count")
 
     def __init__(self, classes: int) -> None:
         self.with_top5 = classes > 5

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from taskfold.trainer.tasks.base import TASKS, Task, check_choice, check_shapes, masked_mean
+from taskfold.trainer.tasks.base import TASKS, SummedMeter, Task, check_choice, check_shapes, masked_mean
 
 _NAN = float("nan")
 
@@ -70,8 +70,10 @@ class NormalsTask(Task):
         return AngleMeter()
 
 
-class AngleMeter:
+class AngleMeter(SummedMeter):
     """Keeps every valid pixel's angle error (float32, CPU) so the median is exact."""
+
+    sums = ("angles",)
 
     def __init__(self) -> None:
         self.angles: list[np.ndarray] = []
@@ -158,8 +160,10 @@ class DepthTask(Task):
         return DepthMeter(align=self.loss_kind == "ssi")
 
 
-class DepthMeter:
+class DepthMeter(SummedMeter):
     """Sums of squared error, relative error and δ<1.25 hits over every valid pixel."""
+
+    sums = ("squared", "relative", "delta_hits", "count")
 
     def __init__(self, align: bool) -> None:
         self.align = align
@@ -214,8 +218,10 @@ class DisparityTask(Task):
         return AbsErrorMeter()
 
 
-class AbsErrorMeter:
+class AbsErrorMeter(SummedMeter):
     """Mean absolute error over every valid (label > 0) pixel of the split."""
+
+    sums = ("total", "count")
 
     def __init__(self) -> None:
         self.total = 0.0

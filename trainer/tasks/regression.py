@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from taskfold.trainer.tasks.base import TASKS, Task, check_shapes
+from taskfold.trainer.tasks.base import TASKS, SummedMeter, Task, check_shapes
 
 
 @TASKS.register("regression")
@@ -35,8 +35,10 @@ class RegressionTask(Task):
         return L1Meter()
 
 
-class L1Meter:
+class L1Meter(SummedMeter):
     """Mean absolute error over every label value seen."""
+
+    sums = ("total", "count")
 
     def __init__(self) -> None:
         self.total = 0.0

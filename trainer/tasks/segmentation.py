@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from taskfold.trainer.tasks.base import TASKS, Task, label_count
+from taskfold.trainer.tasks.base import TASKS, SummedMeter, Task, label_count
 
 
 @TASKS.register("segmentation")
@@ -41,8 +41,10 @@ class SegmentationTask(Task):
         return ConfusionMeter(self.classes, self.ignore_index)
 
 
-class ConfusionMeter:
+class ConfusionMeter(SummedMeter):
     """A ``classes × classes`` confusion matrix (rows: label, columns: prediction)."""
+
+    sums = ("matrix",)
 
     def __init__(self, classes: int, ignore_index: int) -> None:
         self.classes = classes
