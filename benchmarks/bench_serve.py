@@ -116,8 +116,13 @@ def raw_client(address: str, model: str, image: np.ndarray) -> Callable[[], None
     path = f"/v2/models/{model}/infer"
 
     def call() -> None:
-        connection.request("POST", path, body, headers)
-        response = connection.getresponse()
+        try:
+            connection.request("POST", path, body, headers)
+            response = connection.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            connection.close()  # uvicorn closed the idle keep-alive connection (5 s): open a new one
+            connection.request("POST", path, body, headers)
+            response = connection.getresponse()
         data = response.read()
         if response.status != 200:
             raise SystemExit(f"server answered {response.status}: {data[:200]!r}")
