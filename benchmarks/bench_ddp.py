@@ -14,7 +14,8 @@ evaluation). Candidates, in alternating rounds (the order rotates every round):
   one gradient all-reduce per step).
 
 Reported: median images/s over rounds with the range, and each candidate's ratio to
-``1 process x 2 threads``.
+``1 process x 2 threads``; and what one step's gradient all-reduce costs on its own (2 gloo
+processes on loopback, a float32 buffer the size of the demo network's parameters, median of 20).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,6 +51,56 @@ def throughput(nproc: int, threads: int, overrides: list[str], workdir: Path) ->
     return train_size / last["seconds"]
 
 
+def _allreduce_worker(rank: int, numel: int, port: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    buffer = torch.ones(numel)
+    times = []
+    for _ in range(25):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(buffer)
+        times.append(time.perf_counter() - start)
+    if rank == 0:
+        out.put(statistics.median(times[5:]))
+    dist.destroy_process_group()
+
+
+def allreduce_ms(numel: int) -> float:
+    """Median seconds of one all-reduce of ``numel`` float32 between 2 gloo processes, in ms."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_allreduce_worker, args=(r, numel, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    result = out.get(timeout=300)
+    for p in procs:
+        p.join()
+    return result * 1000
+
+
+def demo_parameters() -> int:
+    from taskfold.trainer.config import load_config
+    from taskfold.trainer.loop import build_spec, build_tasks
+    from taskfold.trainer.data import create_dataset
+    from taskfold.trainer.methods import create_method
+
+    cfg = load_config(ROOT / "cli" / "recipes" / "demo.yaml")
+    method = create_method(cfg.method)
+    info = create_dataset(cfg.data.dataset, "train", size=cfg.data.size, num_samples=2, seed=0).info
+    return sum(p.numel() for p in method.build(build_spec(cfg, build_tasks(cfg, info), method),
+                                                backbone_weights=None).parameters())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -66,7 +118,10 @@ def main() -> None:
                 results[name].append(throughput(nproc, threads, overrides, Path(tmp)))
                 print(f"round {r + 1}: {name}: {results[name][-1]:.1f} images/s", flush=True)
     base = results[names[0]]
-    print(f"\nrecipe: demo {' '.join(overrides)}; {args.rounds} rounds; load average at end: {os.getloadavg()}")
+    numel = demo_parameters()
+    print(f"\ngradient all-reduce alone: {numel / 1e6:.2f} M float32 ({numel * 4 / 2**20:.1f} MiB) between 2 gloo "
+          f"processes: {allreduce_ms(numel):.1f} ms median")
+    print(f"recipe: demo {' '.join(overrides)}; {args.rounds} rounds; load average at end: {os.getloadavg()}")
     print("| candidate | images/s (median, range) | ratio to 1 process x 2 threads (median, range) |")
     print("|---|---|---|")
     for name, values in results.items():

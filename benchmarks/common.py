@@ -46,7 +46,7 @@ def fixed_batch_step(cfg, run_dir, batch: int) -> Callable[[], object]:
 
     state = setup(cfg, run_dir)
     images, targets = state.to_device(*load_batch(state.datasets["train"], range(batch)))
-    return lambda: weight_step(state, images, targets, 0, 0)
+    return lambda: weight_step(state, images, targets)
 
 
 def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:

@@ -145,7 +145,7 @@ def _compile_locked(run: RunDir, out: Path, *, force: bool, overwrite: bool, set
         resolve_limits(plan.max_drops, data.tasks)  # a misspelt task or metric fails now, not after export
     stripper = STRIPPERS.get(spec.method)
     parity_inputs = held_out_images(cfg, cfg.compile.parity_samples)
-    result = stripper(model, spec, force=force, reference_inputs=parity_inputs, options=cfg.method_options)
+    result = stripper(model, spec, force=force, reference_inputs=parity_inputs)
     by_name = {t.name: t for t in spec.tasks}
     tasks = [{"name": n, "kind": by_name[n].kind, "channels": by_name[n].out_channels,
               "output_kind": by_name[n].output,

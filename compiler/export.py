@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from taskfold.compiler.errors import CompileError
+from taskfold.models.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,13 @@ def export_onnx(
     """
     output_names = list(output_names)
     _check_outputs(model, input_shape, output_names)
-    was_training = model.training
-    model.eval()
     try:
-        _export(_OrderedOutputs(model, output_names), path, input_shape, output_names, opset)
+        with eval_mode(model):
+            _export(_OrderedOutputs(model, output_names), path, input_shape, output_names, opset)
     except CompileError:
         raise
     except Exception as exc:
         raise CompileError(f"ONNX export failed: {_one_line(exc)}") from exc
-    finally:
-        model.train(was_training)
     try:
         onnx.checker.check_model(os.fspath(path), full_check=True)
     except Exception as exc:
@@ -88,15 +86,11 @@ def _check_outputs(model: nn.Module, input_shape: tuple[int, ...], output_names:
         raise CompileError(f"output_names must be non-empty and unique, got {output_names}")
     if INPUT_NAME in output_names:
         raise CompileError(f"an output cannot be named {INPUT_NAME!r} (that is the input's name)")
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(_example_input(model, input_shape))
     except Exception as exc:
         raise CompileError(f"model forward failed on shape {tuple(input_shape)}: {_one_line(exc)}") from exc
-    finally:
-        model.train(was_training)
     if isinstance(out, torch.Tensor):
         if len(output_names) != 1:
             raise CompileError(f"model returns one tensor but {len(output_names)} output names were given")

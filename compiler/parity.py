@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from taskfold.compiler.errors import CompileError
+from taskfold.models.modes import eval_mode
 
 
 def check_parity(
@@ -64,13 +65,8 @@ def _torch_outputs(model: nn.Module, images: np.ndarray, names: list[str]) -> di
     """The model's outputs as numpy, keyed like the graph's outputs; the model's mode is restored."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.from_numpy(images).to(device))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        out = model(torch.from_numpy(images).to(device))
     if isinstance(out, torch.Tensor):
         if len(names) != 1:
             raise CompileError(f"model returns one tensor but the ONNX graph has outputs {names}")

@@ -13,28 +13,27 @@ import torch
 from torch import nn
 
 from taskfold.compiler.errors import CompileError
-from taskfold.compiler.strip import STRIPPERS, StripResult
+from taskfold.compiler.strip import STRIPPERS, StripResult, inference_drift
 from taskfold.models.arch import ArchSpec
-from taskfold.models.nets.aux import AUX_METHODS, PRIMARY, AuxNet
+from taskfold.models.nets.aux import AUX_METHODS, PRIMARY, AuxNet, AuxNetOptions
+from taskfold.models.nets.registry import network_options
 
 
-def strip_aux(model: nn.Module, spec: ArchSpec, *, force: bool = False, reference_inputs: torch.Tensor,
-              options: dict | None = None) -> StripResult:
+def strip_aux(model: nn.Module, spec: ArchSpec, *, force: bool = False, reference_inputs: torch.Tensor
+              ) -> StripResult:
     if spec.method not in AUX_METHODS or not isinstance(model, AuxNet):
         raise CompileError(f"the auxiliary-branch stripper needs a run of {', '.join(AUX_METHODS)}; "
                            f"this run was trained with method {spec.method!r}")
-    threshold = float((options or {}).get("strip_threshold", 1e-2))
+    threshold = network_options(AuxNetOptions, spec.options).strip_threshold
     with torch.no_grad():
         alpha_p = model.alpha_values("P")
     max_alpha_p = float(alpha_p.max()) if alpha_p.numel() else 0.0
     if max_alpha_p > threshold and not force:
         raise CompileError(f"max alpha^P = {max_alpha_p:.3g} exceeds strip_threshold {threshold:g}: the primary "
                            "task still uses auxiliary features (train longer or raise lambda_max, or pass --force)")
-    stripped = model.primary_network().eval()
+    stripped = model.inference_network()
     primary = model.task_order[PRIMARY]
-    model.eval()
-    with torch.no_grad():
-        drift = float((model(reference_inputs)[primary] - stripped(reference_inputs)[primary]).abs().max())
+    drift = inference_drift(model, stripped, reference_inputs, [primary])
     primary_convs = sum(1 for key in model.fusions if key.startswith(f"b{PRIMARY}_"))
     aux_fusions = len(model.fusions) - primary_convs
     removed = [f"auxiliary branch {name} (backbone + head)" for name in model.task_order[1:]]

@@ -9,21 +9,18 @@ import torch
 from torch import nn
 
 from taskfold.compiler.errors import CompileError
-from taskfold.compiler.strip import STRIPPERS, StripResult
+from taskfold.compiler.strip import STRIPPERS, StripResult, inference_drift
 from taskfold.models.arch import ArchSpec
 from taskfold.models.nets.group import GroupNet
 
 
 @STRIPPERS.register("dmtg")
-def strip_group(model: nn.Module, spec: ArchSpec, *, force: bool = False, reference_inputs: torch.Tensor,
-                options: dict | None = None) -> StripResult:
+def strip_group(model: nn.Module, spec: ArchSpec, *, force: bool = False, reference_inputs: torch.Tensor
+                ) -> StripResult:
     if not isinstance(model, GroupNet):
         raise CompileError(f"the group pruner needs a dmtg run; this run was trained with method {spec.method!r}")
-    model.eval()
-    pruned = model.pruned_network().eval()
-    with torch.no_grad():
-        full, small = model(reference_inputs), pruned(reference_inputs)
-    drift = max(float((full[t] - small[t]).abs().max()) for t in full)
+    pruned = model.inference_network()
+    drift = inference_drift(model, pruned, reference_inputs, spec.task_names)
     kept = sorted(set(pruned.assignment.values()))
     n, k = len(spec.tasks), model.num_groups
     return StripResult(model=pruned, outputs=spec.task_names, info={

@@ -39,6 +39,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from .errors import ModelError
+from .modes import eval_mode
 from .registry import Registry
 
 __all__ = ["BACKBONES", "Backbone", "FeatureInfo", "TokenBlock", "create_backbone"]
@@ -214,15 +215,12 @@ def _stage_ids(names: list[str], stage_ends: list[str]) -> list[int]:
 @torch.no_grad()
 def _probe(stem: nn.Module, blocks: list[nn.Module], img_size: int) -> list[tuple[int, int]]:
     """(channels, reduction) of every block, measured by one eval-mode pass on a blank image."""
-    modules = nn.Sequential(stem, *blocks)
-    was_training = modules.training
-    modules.eval()
-    x = stem(torch.zeros(1, 3, img_size, img_size))
     shapes = []
-    for block in blocks:
-        x = block(x)
-        shapes.append((x.shape[1], round(img_size / x.shape[-1])))
-    modules.train(was_training)
+    with eval_mode(nn.Sequential(stem, *blocks)):
+        x = stem(torch.zeros(1, 3, img_size, img_size))
+        for block in blocks:
+            x = block(x)
+            shapes.append((x.shape[1], round(img_size / x.shape[-1])))
     return shapes
 
 

@@ -42,7 +42,7 @@ def test_stripped_equals_full_network_with_alpha_p_zero(backbone):
         full = model(x)["seg"]
         model.cut_aux_to_primary = True
         cut = model(x)["seg"]
-        stripped = model.primary_network().eval()(x)
+        stripped = model.inference_network().eval()(x)
     assert list(stripped) == ["seg"]
     assert (cut - stripped["seg"]).abs().max() <= 1e-5
     assert (full - cut).abs().max() > 1e-4  # alpha^P != 0 really did change the output
@@ -80,7 +80,7 @@ def test_aux_g_stage_links_only_stage_ends():
 
 def test_stripped_aux_g_is_the_plain_single_task_network():
     model = make("aux_g_layer")
-    stripped = model.primary_network()
+    stripped = model.inference_network()
     assert len(stripped.norms) == 0
     single = build_network(ArchSpec(method="single", backbone="resnet18", image_size=32, tasks=TASKS[:1],
                                     head_channels=8)).nets["seg"]

@@ -63,3 +63,37 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_malformed_overrides_are_config_errors(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
         config_from_dict(BASE, [override])
+
+
+def test_every_component_problem_of_a_recipe_is_named_in_one_error_before_any_data(tmp_path, capsys):
+    """Method, weighting, backbone and task options are all checked before any data is rendered,
+    and all their problems come back in one line."""
+    from cli_runner import assert_main_user_error
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("""
+name: bad
+method: {name: aux_nas, lambda_schedule: fast}
+weighting: {name: pcgrad, on: layer}
+primary: seg
+data: {dataset: synthscenes, size: 32, train_size: 8, val_size: 4, test_size: 4, cache_dir: CACHE}
+tasks: [{name: seg, kind: segmentation}, {name: d, kind: depth, options: {loss: l3}}]
+model: {backbone: resnet1O}
+""".replace("CACHE", str(tmp_path / "cache")))
+    assert_main_user_error(capsys, "method.lambda_schedule: expected one of paper, reference, got 'fast'; "
+                           "weighting.on: expected one of params, features, got 'layer'; unknown backbone 'resnet1O'",
+                           "train", str(recipe), "-o", str(tmp_path / "run"))
+    err_line = "tasks.d.loss: expected one of l1, ssi, got 'l3'"
+    recipe.write_text(recipe.read_text().replace("resnet1O", "resnet10").replace("fast", "paper").replace("layer", "features"))
+    assert_main_user_error(capsys, err_line, "train", str(recipe), "-o", str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # nothing rendered, nothing written
+
+
+def test_on_in_a_recipe_is_a_key_not_a_boolean(tmp_path):
+    """YAML 1.1 reads `on` as true; recipes read it as the weighting option it is."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("weighting: {name: pcgrad, on: features}\ntasks: [{name: seg, kind: segmentation}]\n")
+    cfg = load_config(recipe, ["weighting.on=params"])
+    assert cfg.weighting == {"name": "pcgrad", "on": "params"}
+    with pytest.raises(ConfigError, match="train.progress: expected true/false, got 'off'"):
+        load_config(recipe, ["train.progress=off"])  # only true/false are booleans (YAML 1.2)

@@ -111,7 +111,7 @@ def _train_on_fixed_batch(cfg: dict, tmp_path) -> tuple[list[float], object, lis
     arch_before = [p.detach().clone() for p in arch_parameters(state.model)]
     totals = []
     for step in range(STEPS):
-        losses, _ = weight_step(state, images, targets, 0, step)
+        losses, _ = weight_step(state, images, targets)
         totals.append(float(sum(losses.values()).detach()))
     return totals, state, arch_before
 
@@ -164,14 +164,14 @@ def test_fp16_strategies_see_unscaled_finite_task_gradients(weighting, tmp_path,
 
     monkeypatch.setattr(SharedPart, "task_grads", record)
     weights_before = {k: v.clone() for k, v in state.model.state_dict().items()}
-    weight_step(state, images, targets, 0, 0)
+    weight_step(state, images, targets)
     (scale, scaled_run), = seen
     assert scale is not None and torch.isfinite(scaled_run).all()
     # The same gradients with no scaler, from the same weights and batch.
     state.model.load_state_dict(weights_before)
     state.precision.scaler = None
     seen.clear()
-    weight_step(state, images, targets, 0, 0)
+    weight_step(state, images, targets)
     (no_scale, reference), = seen
     assert no_scale is None
     # equal up to fp16 rounding (entries that underflow without the scaler differ most)
@@ -183,7 +183,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path):
     images, targets = fixed_batch(state)
     state.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # overflows fp16 gradients
     before = {k: v.clone() for k, v in state.model.named_parameters()}
-    weight_step(state, images, targets, 0, 0)
+    weight_step(state, images, targets)
     assert all(torch.equal(v, before[k]) for k, v in state.model.named_parameters())
     assert float(state.precision.loss_scale()) < 2.0 ** 120
 
@@ -201,7 +201,7 @@ def test_channels_last_same_loss_and_nhwc_weights(tmp_path):
         assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == layout for p in convs
                              if p.shape[2] * p.shape[3] > 1)
         assert images.is_contiguous(memory_format=torch.channels_last) == layout
-        losses[layout] = [float(sum(weight_step(state, images, targets, 0, s)[0].values()).detach()) for s in range(2)]
+        losses[layout] = [float(sum(weight_step(state, images, targets)[0].values()).detach()) for s in range(2)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 

@@ -61,7 +61,7 @@ def test_loss_is_gumbel_weighted_sum_over_heads_that_ran():
     out = model(images)
     assert all(out[t.name].shape[0] == 3 for t in TASKS)  # every head ran (nothing skipped)
     losses = method.task_losses(model, out, targets, tasks)
-    z = model.assignment_weights
+    z = out.weights
     for i, t in enumerate(TASKS):
         expected = sum(z[i, k] * nn.functional.cross_entropy(out[t.name][k], targets["classification"]) for k in range(3))
         assert torch.allclose(losses[t.name], expected)
@@ -113,7 +113,7 @@ def test_negligible_heads_and_unused_branches_are_skipped():
         model.group_logits.copy_(torch.tensor([[9.0, 0, 0]] * 5))  # every task wants group 0
     model.train()
     out = model(torch.randn(2, 3, SIZE, SIZE))
-    assert model.active.sum() == 5 and model.active[:, 0].all()
+    assert out.active.sum() == 5 and out.active[:, 0].all()
     assert all(v.shape[0] == 1 for v in out.values())
 
 
@@ -122,7 +122,7 @@ def test_a_fixed_grouping_runs_only_the_chosen_heads_even_with_hard_sampling():
     model.fix_assignment([0, 2, 2, 0, 0])  # frozen logits: no straight-through gradient to feed
     model.train()
     out = model(torch.randn(2, 3, SIZE, SIZE))
-    assert model.active.sum() == 5 and model.active[:, 1].sum() == 0
+    assert out.active.sum() == 5 and out.active[:, 1].sum() == 0
     assert all(v.shape[0] == 1 for v in out.values())
 
 

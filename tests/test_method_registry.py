@@ -16,6 +16,7 @@ from taskfold.compiler.errors import CompileError
 from taskfold.compiler.strip import STRIPPERS
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.nets import NETWORKS, build_network
+from taskfold.models.nets.base import MultiTaskNetwork, SearchableNetwork
 from taskfold.runtime import load
 from taskfold.trainer.data import create_dataset
 from taskfold.trainer.data.loader import load_batch
@@ -58,6 +59,8 @@ def test_method_trains_reads_off_round_trips_strips_and_exports(name, batch, tmp
                     head_channels=8, primary=["seg"], options=dict(CASES[name]))
     method = create_method({"name": name, **CASES[name]})
     model = method.build(spec, backbone_weights=None).train()
+    assert isinstance(model, MultiTaskNetwork), "every network keeps the contract of models/nets/base.py"
+    assert isinstance(model, SearchableNetwork) or method.arch_fraction == 0, "a searching method needs arch_parameters()"
     progress = Progress(0, 1, 1, 4)
     method.start_epoch(model, progress)
 
@@ -98,9 +101,9 @@ def test_method_trains_reads_off_round_trips_strips_and_exports(name, batch, tmp
     stripper = STRIPPERS.get(name)
     if name == "bmtas":  # a supergraph is never compiled: its follow-up retrain is (case bmtas_retrain)
         with pytest.raises(CompileError, match="retrain"):
-            stripper(rebuilt, loaded, force=True, reference_inputs=images, options=loaded.options)
+            stripper(rebuilt, loaded, force=True, reference_inputs=images)
         return
-    result = stripper(rebuilt, loaded, force=True, reference_inputs=images, options=loaded.options)
+    result = stripper(rebuilt, loaded, force=True, reference_inputs=images)
     assert result.outputs and set(result.outputs) <= set(TASKS)
     bundle = write_bundle(tmp_path / "bundle", model=result.model, name=name, method=name,
                           input_shape=(1, 3, SIZE, SIZE), mean=[0.0] * 3, std=[1.0] * 3,

@@ -149,6 +149,8 @@ CASES = {
     "compile over an existing bundle": (_compile_over_its_bundle, "a bundle exists there (pass --overwrite"),
     "predict -o an existing file": (_predict_over_a_file, "already exists (pass --overwrite"),
     "name: /abs/path": (_train_with("name=/tmp/elsewhere"), "must be a plain name"),
+    "a gradient strategy on a network that shares nothing": (
+        _train_with("method=single", "weighting=pcgrad", "data.train_size=8"), "shares none"),
     "run --overwrite with a typo": (_overwrite_with_a_typo, "resnet1O"),
     "compile -o .": (_compile_into_cwd, "over the current directory"),
     "compile -o RUN": (_compile_into_the_run, "that is the run directory"),

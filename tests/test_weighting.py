@@ -36,13 +36,12 @@ class Toy:
         offsets = offsets or {}
         self.losses = {t: self.heads[t] * (torch.tensor(g) @ self.z) + offsets.get(t, 0.0) for t, g in grads.items()}
         self.primary = [primary] if primary else list(grads)
-        self.aux = [t for t in grads if t not in self.primary]
 
     def ctx(self, on: str = "params") -> StepContext:
         if on == "none":
-            return StepContext(shared_params=[], primary=self.primary, auxiliary=self.aux)
+            return StepContext(shared_params=[], primary=self.primary)
         return StepContext(shared_params=[self.W], shared_features=[self.z] if on == "features" else [],
-                           primary=self.primary, auxiliary=self.aux)
+                           primary=self.primary)
 
     def head_grad(self, t: str) -> float:
         """d L_t / d h_t = c_t . W."""
@@ -333,7 +332,7 @@ def test_ial_back_propagates_the_feature_gradient_into_the_encoder():
     heads = {t: nn.Parameter(torch.randn(2)) for t in "pa"}
     losses = {t: (heads[t] @ z - 1.0) ** 2 for t in "pa"}
     strategy = create_weighting({"name": "ial", "g": "sigmoid"}, tasks=["p", "a"], primary=["p"])
-    strategy.backward(losses, StepContext(shared_params=[A], shared_features=[z], primary=["p"], auxiliary=["a"]))
+    strategy.backward(losses, StepContext(shared_params=[A], shared_features=[z], primary=["p"]))
     zv = (A @ x).detach().numpy()
     dz = {t: 2 * (heads[t].detach().numpy() @ zv - 1.0) * heads[t].detach().numpy() for t in "pa"}
     f = 1 / (1 + math.exp(0.0))        # sigma = 1 at init: sigmoid(1 - 1)
@@ -463,7 +462,7 @@ def _mlp_step(model: TwoHeadMLP, x: torch.Tensor, y: dict[str, torch.Tensor]):
     out = model(x)
     losses = {t: ((out[t] - y[t]) ** 2).mean() for t in out}
     ctx = StepContext(shared_params=model.shared_parameters(), shared_features=model.shared_features,
-                      primary=["p"], auxiliary=["a"])
+                      primary=["p"])
     return losses, ctx
 
 
@@ -494,7 +493,7 @@ def test_a_branch_feeding_z_and_its_own_head_gets_both_gradients():
     z = A * x + u
     losses = {"p": torch.tensor([1.0, 0.0]) @ z, "a": torch.tensor([-2.0, 1.0]) @ z + torch.tensor([0.0, 3.0]) @ u}
     strategy = create_weighting({"name": "gcs", "on": "features"}, tasks=["p", "a"], primary=["p"])
-    strategy.backward(losses, StepContext(shared_params=[A], shared_features=[z], primary=["p"], auxiliary=["a"]))
+    strategy.backward(losses, StepContext(shared_params=[A], shared_features=[z], primary=["p"]))
     gz = np.array([1.0, 0.0])                  # cos((1,0), (-2,1)) < 0: the auxiliary is dropped at z
     xn = x.numpy()
     np.testing.assert_allclose(A.grad.numpy(), gz * xn)

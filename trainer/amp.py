@@ -24,6 +24,7 @@ fp16 on the CPU is allowed: this PyTorch supports CPU autocast to float16 and a 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -38,7 +39,9 @@ def float_outputs(outputs):
     if isinstance(outputs, torch.Tensor):
         return outputs.float() if outputs.is_floating_point() else outputs
     if isinstance(outputs, dict):
-        return {k: float_outputs(v) for k, v in outputs.items()}
+        result = copy.copy(outputs)  # a dict subclass keeps its attributes (GroupNet's SampledOutputs)
+        result.update({k: float_outputs(v) for k, v in outputs.items()})
+        return result
     if isinstance(outputs, (list, tuple)):
         return type(outputs)(float_outputs(v) for v in outputs)
     return outputs

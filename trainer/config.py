@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -60,21 +60,25 @@ class ModelConfig:
     options: dict = field(default_factory=dict)
 
 
+Amp = Literal["none", "bf16", "fp16"]  # torch.autocast dtype of train.amp (fp16 adds a GradScaler)
+AMP_CHOICES = typing.get_args(Amp)
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     eval_every: int = 1
     log_every: int = 10
     checkpoint_every: int = 200  # weight steps between resumable checkpoints (also one per epoch); 0: per epoch only
-    on_nonfinite: str = "stop"  # a NaN/inf loss: "stop" (one line, exit 2) or "skip_step" (drop that step)
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"  # a NaN/inf loss: one line and exit 2, or drop the step
     seed: int = 0
     progress: bool = True
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
-    amp: str = "none"  # none | bf16 | fp16 (torch.autocast; a GradScaler for fp16)
+    amp: Amp = "none"
     channels_last: bool = False  # NHWC memory order for the network and its input images (CNNs)
     sync_bn: bool = False  # DDP: BatchNorm batch statistics over the global batch (all ranks), not per rank
 
@@ -87,13 +91,13 @@ class CompileConfig:
     # lower-precision variants next to model.onnx (compiler/precision.py), each scored per task
     int8: bool = False
     calib_images: int = 256  # training-split images that calibrate the INT8 ranges
-    int8_target: str = "auto"  # auto (this CPU) | avx2 | vnni | arm | tensorrt
+    int8_target: Literal["auto", "avx2", "vnni", "arm", "tensorrt"] = "auto"  # auto: this CPU
     int8_max_drop: list[str] = field(default_factory=list)  # ["seg.miou=0.01", "mean=2%"]; [] = 1 % of each main metric
     int8_exclude: list[str] = field(default_factory=list)  # op types or node names kept in FP32
-    int8_heads: str = "auto"  # auto (FP32 heads if INT8 ones break the guard) | int8 | fp32
+    int8_heads: Literal["auto", "int8", "fp32"] = "auto"  # auto: FP32 heads if INT8 ones break the guard
     fp16: bool = False
     fp16_io: bool = False  # FP16 graph inputs/outputs too (default: FP32 with casts at the edges)
-    default_precision: str = "fp32"  # what load() runs when the caller does not say
+    default_precision: Literal["fp32", "int8", "fp16"] = "fp32"  # what load() runs when the caller does not say
     torch_tensorrt: bool = False
 
 
@@ -151,6 +155,12 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:  # a closed set of choices, e.g. train.amp: Literal["none", "bf16", "fp16"]
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[choices.index(value)]):
+            return value
+        problems.append(f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return choices[0]
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -232,13 +242,26 @@ def build_options(cls: type, raw: dict, where: str) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML as recipes mean it: only true/false are booleans (YAML 1.2). PyYAML's YAML 1.1 also
+    reads on/off/yes/no as booleans, which turns the weighting option ``on: features`` into the
+    key ``True``."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
 def _apply_override(raw: dict, assignment: str) -> None:
     """``a.b=c`` sets raw['a']['b'] = yaml-parsed c; list items by index (``tasks.0.weight=2``)."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=3")
     key, text = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = yaml.load(text, RecipeLoader) if text else ""
     except yaml.YAMLError:
         raise ConfigError(f"--set {key}: {text!r} is not a valid YAML value") from None
     node: Any = raw
@@ -305,9 +328,6 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"{path}: must be >= 1, got {value}")
     if cfg.train.checkpoint_every < 0:
         problems.append(f"train.checkpoint_every: must be >= 0 (0: once per epoch), got {cfg.train.checkpoint_every}")
-    if cfg.train.on_nonfinite not in NONFINITE_CHOICES:
-        problems.append(f"train.on_nonfinite: expected one of {', '.join(NONFINITE_CHOICES)}, "
-                        f"got {cfg.train.on_nonfinite!r}")
     if cfg.data.workers is not None and cfg.data.workers < 0:
         problems.append(f"data.workers: must be >= 0 (or null for the default), got {cfg.data.workers}")
     if not (cfg.train.lr > 0 and math.isfinite(cfg.train.lr)):  # NaN fails every comparison
@@ -315,8 +335,6 @@ def _check(cfg: Config, problems: list[str]) -> None:
     problem = device_field_problem(cfg.train.device)
     if problem is not None:
         problems.append(problem)
-    if cfg.train.amp not in AMP_CHOICES:
-        problems.append(f"train.amp: expected one of {', '.join(AMP_CHOICES)}, got {cfg.train.amp!r}")
     _check_compile(cfg.compile, problems)
     b = cfg.bench
     if b.iters < 1 or b.warmup < 0 or (b.threads is not None and b.threads < 1):
@@ -328,9 +346,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"bench.batches: every batch size must be >= 1, got {cfg.bench.batches}")
 
 
-NONFINITE_CHOICES = ("stop", "skip_step")
 DEVICE_FORM = re.compile(r"auto|cpu|cuda(:\d+)?")
-AMP_CHOICES = ("none", "bf16", "fp16")
 
 
 def device_field_problem(value: str) -> str | None:
@@ -342,17 +358,7 @@ def device_field_problem(value: str) -> str | None:
     return f"train.device: expected auto, cpu, cuda or cuda:N, got {value!r}"
 
 
-COMPILE_CHOICES = {
-    "int8_target": ("auto", "avx2", "vnni", "arm", "tensorrt"),
-    "int8_heads": ("auto", "int8", "fp32"),
-    "default_precision": ("fp32", "int8", "fp16"),
-}
-
-
 def _check_compile(c: CompileConfig, problems: list[str]) -> None:
-    for name, choices in COMPILE_CHOICES.items():
-        if getattr(c, name) not in choices:
-            problems.append(f"compile.{name}: expected one of {', '.join(choices)}, got {getattr(c, name)!r}")
     if c.calib_images < 1:
         problems.append(f"compile.calib_images: must be >= 1, got {c.calib_images}")
     if c.default_precision != "fp32" and not getattr(c, c.default_precision):
@@ -387,7 +393,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, RecipeLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

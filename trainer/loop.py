@@ -8,6 +8,7 @@ goes through the Method contract; nothing here knows about a particular method.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -22,18 +23,20 @@ from tqdm import tqdm
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.backbones import BACKBONES
 from taskfold.models.layers.sync_batchnorm import convert_sync_batchnorm
+from taskfold.models.modes import eval_mode
+from taskfold.models.registry import UnknownNameError
 from taskfold.trainer import distributed
 from taskfold.trainer.amp import MixedPrecision
 from taskfold.trainer.checkpoint import EpochCursor, cursor_state, rng_state, set_rng_state
 from taskfold.trainer.config import Config, ConfigError, save_config
-from taskfold.trainer.data import create_dataset
+from taskfold.trainer.data import DATASETS, create_dataset
 from taskfold.trainer.data.loader import ARCH, EpochBatches, SplitLoader
 from taskfold.trainer.device import describe, move_parameters, resolve_device, to_device
 from taskfold.trainer.methods import Method, Progress, create_method
 from taskfold.trainer.report import baseline_results
 from taskfold.trainer.rundir import RunDir
 from taskfold.trainer.runlock import folder_lock
-from taskfold.trainer.tasks import create_task
+from taskfold.trainer.tasks import check_task_options, create_task
 from taskfold.trainer.weighting import StepContext, create_weighting
 
 
@@ -103,7 +106,9 @@ def build_tasks(cfg: Config, info) -> list:
     return tasks
 
 
-def build_spec(cfg: Config, tasks: list) -> ArchSpec:
+def build_spec(cfg: Config, tasks: list, method: Method) -> ArchSpec:
+    """What arch.json records: the network's description with the method's options resolved
+    (every field, defaults included: see models/arch.py)."""
     return ArchSpec(
         method=cfg.method_name,
         backbone=cfg.model.backbone,
@@ -112,7 +117,7 @@ def build_spec(cfg: Config, tasks: list) -> ArchSpec:
         head_channels=cfg.model.head_channels,
         backbone_options=dict(cfg.model.options),
         primary=[cfg.primary] if cfg.primary else [t.name for t in tasks],
-        options=cfg.method_options,
+        options=dataclasses.asdict(method.options),
     )
 
 
@@ -139,23 +144,47 @@ def create_optimizer(name: str, params: list[dict], *, lr: float, weight_decay: 
     raise ConfigError(f"train.optimizer: unknown optimizer {name!r}; available: adam, adamw, sgd")
 
 
+def check_components(cfg: Config) -> tuple[Method, object]:
+    """Build every component a recipe names that needs no data (method, weighting, each task's
+    options, the backbone's and the dataset's names, the report baseline) and report every problem in one
+    ConfigError, before any data is rendered or read; returns the method and the weighting."""
+    names = [t.name for t in cfg.tasks]
+    built: dict[str, object] = {}
+    checks = {
+        "method": lambda: create_method(cfg.method),
+        "weighting": lambda: create_weighting(cfg.weighting, tasks=names, task_weights={t.name: t.weight for t in cfg.tasks},
+                                              primary=[cfg.primary] if cfg.primary else names),
+        "backbone": lambda: BACKBONES.get(cfg.model.backbone),
+        "dataset": lambda: DATASETS.get(cfg.data.dataset),
+        **{f"task {t.name}": (lambda t=t: check_task_options(t.name, t.kind, t.options)) for t in cfg.tasks},
+        "baseline": lambda: cfg.report.baseline is not None and baseline_results(cfg.report.baseline, names),
+    }
+    problems = []
+    for name, check in checks.items():
+        try:
+            built[name] = check()
+        except (ConfigError, UnknownNameError) as exc:
+            problems.append(str(exc).removeprefix("config: "))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return built["method"], built["weighting"]
+
+
 def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState:
     """Validate everything that can be wrong before the first step, then build the run
     (``resume``: into the existing run directory, whose files are kept; see :func:`resume_point`)."""
     device = distributed.rank_device(resolve_device(cfg.train.device))  # no CUDA: refused before any work
     torch.manual_seed(cfg.train.seed)
-    method = create_method(cfg.method)
-    BACKBONES.get(cfg.model.backbone)  # a misspelt backbone fails now, not after the datasets are built
-    names = [t.name for t in cfg.tasks]  # the weighting and the baseline are checked before any rendering
-    weighting = create_weighting(cfg.weighting, tasks=names, primary=[cfg.primary] if cfg.primary else names,
-                                 task_weights={t.name: t.weight for t in cfg.tasks})
-    if cfg.report.baseline is not None:  # refuse now rather than after training
-        baseline_results(cfg.report.baseline, names)
+    method, weighting = check_components(cfg)
     datasets = build_datasets(cfg)
     loaders = build_loaders(cfg, datasets, arch_fraction=method.arch_fraction, pin_memory=device.type == "cuda")
     tasks = build_tasks(cfg, datasets["train"].info)
-    spec = build_spec(cfg, tasks)
+    spec = build_spec(cfg, tasks, method)
     model = method.build(spec, backbone_weights=cfg.model.weights)
+    if weighting.needs != "losses" and not any(p.requires_grad for p in model.shared_parameters()):
+        raise ConfigError(f"weighting {cfg.weighting['name']!r} combines the tasks' gradients on the parameters they "
+                          f"share, but method {cfg.method_name!r} shares none (it would train as a plain sum); "
+                          "use weighting: ew")
     distributed.broadcast_module(model)  # every rank starts from rank 0's network (DDP's start-up broadcast)
     if cfg.train.sync_bn and distributed.active():
         convert_sync_batchnorm(model)
@@ -169,8 +198,7 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> RunState
     if weighting.parameters():
         groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0})  # sigmas, GradNorm weights
     optimizer = make_optimizer(cfg, groups)
-    if hasattr(method, "attach_optimizer"):  # optional: methods that reset its state (BMTAS)
-        method.attach_optimizer(optimizer)
+    method.attach_optimizer(optimizer)  # BMTAS resets its state after every architecture change
     run = RunDir(run_dir, writable=distributed.is_main())  # only rank 0 writes
     if run.writable:
         if resume:
@@ -195,21 +223,19 @@ def evaluate(model: nn.Module, data: SplitLoader, tasks: list, state: RunState |
     are used as the loader gives them (the compiler scores an ONNX network this way). In a DDP run
     each rank scores its share with rank 0's BatchNorm statistics and the meters are merged, so
     every rank gets the one-process result."""
-    was_training = model.training
     distributed.broadcast_buffers(model)
-    model.eval()
     meters = {t.name: t.new_meter() for t in tasks}
     loss_sums: dict = {t.name: 0.0 for t in tasks}  # float64 tensors on the device once a batch is in
     dataset = data.dataset
-    for _, images, targets in data.epoch(0):
-        if state is not None:
-            images, targets = state.to_device(images, targets)
-        with state.precision.autocast() if state is not None else contextlib.nullcontext():
-            outputs = model(images)
-        for t in tasks:
-            meters[t.name].update(outputs[t.name], targets[t.target])
-            loss_sums[t.name] += t.loss(outputs[t.name], targets[t.target]).detach().double() * len(images)
-    model.train(was_training)
+    with eval_mode(model):
+        for _, images, targets in data.epoch(0):
+            if state is not None:
+                images, targets = state.to_device(images, targets)
+            with state.precision.autocast() if state is not None else contextlib.nullcontext():
+                outputs = model(images)
+            for t in tasks:
+                meters[t.name].update(outputs[t.name], targets[t.target])
+                loss_sums[t.name] += t.loss(outputs[t.name], targets[t.target]).detach().double() * len(images)
     meters = distributed.merge_meters(meters)
     losses = distributed.sum_over_ranks(torch.tensor([float(loss_sums[name]) for name in meters], dtype=torch.float64))
     return {name: {**meter.compute(), "loss": float(loss) / len(dataset)}
@@ -223,18 +249,16 @@ def forward_losses(state: RunState, images: torch.Tensor, targets: dict) -> dict
         return state.method.task_losses(state.model, outputs, targets, state.tasks)
 
 
-def update(state: RunState, losses: dict[str, torch.Tensor], epoch: int, step: int, rows: int = 1
-           ) -> dict[str, float]:
+def update(state: RunState, losses: dict[str, torch.Tensor], rows: int = 1) -> dict[str, float]:
     """The strategy's backward pass of ``losses`` and the optimiser step (through the fp16 scaler
     when there is one); returns the strategy's values to log. In a DDP run the combined gradient
     is averaged over ranks (weighted by each rank's ``rows``) before the step."""
     model = state.model
     ctx = StepContext(
-        shared_params=list(model.shared_parameters()) if hasattr(model, "shared_parameters") else [],
-        shared_features=list(getattr(model, "shared_features", [])),
+        shared_params=list(model.shared_parameters()),
+        shared_features=list(model.shared_features),
         primary=state.spec.primary,
-        auxiliary=[t for t in state.spec.task_names if t not in state.spec.primary],
-        epoch=epoch, step=step, loss_scale=state.precision.loss_scale(),
+        loss_scale=state.precision.loss_scale(),
     )
     state.optimizer.zero_grad(set_to_none=True)
     weight_logs = state.weighting.backward(losses, ctx)
@@ -243,12 +267,11 @@ def update(state: RunState, losses: dict[str, torch.Tensor], epoch: int, step: i
     return weight_logs
 
 
-def weight_step(state: RunState, images: torch.Tensor, targets: dict, epoch: int, step: int
-                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def weight_step(state: RunState, images: torch.Tensor, targets: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One whole weight update on a batch (no non-finite guard: tests and benchmarks); returns the
     losses and the strategy's values to log."""
     losses = forward_losses(state, images, targets)
-    return losses, update(state, losses, epoch, step, len(images))
+    return losses, update(state, losses, len(images))
 
 
 class NonFiniteLoss(ValueError):
@@ -326,7 +349,7 @@ def _train_epoch(state: RunState, cursor: EpochCursor, total_steps: int, saved: 
         if bad is not None:
             _on_nonfinite(state, cursor, bad, values[bad])
             continue
-        weight_logs = update(state, losses, epoch, cursor.step, len(images))
+        weight_logs = update(state, losses, len(images))
         for name, value in values.items():
             cursor.sums[name] = cursor.sums.get(name, 0.0) + value
             cursor.epoch_sums[name] = cursor.epoch_sums.get(name, 0.0) + value

@@ -133,9 +133,13 @@ class RunDir:
             return
         save_checkpoint(self.checkpoints / tag, model, trainer_state)
 
+    def weights_path(self, tag: str = "last") -> Path:
+        """The weights file of checkpoint ``tag`` (``checkpoints/<tag>/model.safetensors``)."""
+        return self.checkpoints / tag / WEIGHTS
+
     def load_weights(self, model: nn.Module, tag: str = "last") -> None:
         recover(self.checkpoints / tag)  # a crash mid-swap leaves the whole checkpoint aside
-        path = self.checkpoints / tag / WEIGHTS
+        path = self.weights_path(tag)
         if not path.is_file():
             raise ConfigError(f"run {self.path}: no checkpoint at {path} (did training finish?)")
         try:

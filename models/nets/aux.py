@@ -11,12 +11,13 @@ blocks before it). Three link layouts:
   so that the auxiliary branches can be cut away at inference.
 
 Each auxiliary branch links only with the primary, so links grow linearly with K.
-:meth:`AuxNet.primary_network` returns the primary branch alone: what the compiler exports.
+:meth:`AuxNet.inference_network` returns the primary branch alone: what the compiler exports.
 """
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,11 +26,21 @@ from taskfold.models.arch import ArchSpec
 from taskfold.models.backbones import create_backbone
 from taskfold.models.errors import ModelError
 from taskfold.models.layers.fusion import FusionNorm, FusionOp
-from taskfold.models.nets.registry import NETWORKS
+from taskfold.models.nets.registry import NETWORKS, network_options
 from taskfold.models.nets.shared import build_heads
 
 AUX_METHODS = ("aux_g_stage", "aux_g_layer", "aux_nas")
 PRIMARY = 0  # branch index of the primary task
+
+
+@dataclass
+class AuxNetOptions:
+    """What an AuxNet is built and stripped with (the Aux methods' Options extend it)."""
+
+    window: int = 3  # blocks before a fused block whose outputs it reads
+    alpha_p_init: float = 0.5  # initial alpha of links auxiliary → primary
+    alpha_a_init: float = 0.5  # initial alpha of links primary → auxiliary
+    strip_threshold: float = 1e-2  # the largest alpha^P the compiler cuts without --force
 
 
 def _logit(p: float) -> float:
@@ -46,8 +57,8 @@ class AuxNet(nn.Module):
         by_name = {t.name: t for t in spec.tasks}
         self.task_order = spec.primary + [t.name for t in spec.tasks if t.name != spec.primary[0]]
         self.method = spec.method
-        opts = spec.options
-        self.window = int(opts.get("window", 3))
+        opts = network_options(AuxNetOptions, spec.options)
+        self.window = opts.window
         self.branches = nn.ModuleList([
             create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights, **spec.backbone_options)
             for _ in self.task_order
@@ -57,7 +68,7 @@ class AuxNet(nn.Module):
         self.sources: dict[str, list[tuple[int, int]]] = {}
         self.fusions = nn.ModuleDict()
         self.alpha_logits = nn.ParameterDict()
-        init = {"P": _logit(float(opts.get("alpha_p_init", 0.5))), "A": _logit(float(opts.get("alpha_a_init", 0.5)))}
+        init = {"P": _logit(opts.alpha_p_init), "A": _logit(opts.alpha_a_init)}
         for dst, block, direction, srcs in self._links(self.branches[0].stages, len(info)):
             key = f"b{dst}_{block}"
             self.sources[key] = srcs
@@ -120,7 +131,7 @@ class AuxNet(nn.Module):
         self.shared_features = fused[PRIMARY]
         return {name: head(fused[b]) for b, (name, head) in enumerate(zip(self.task_order, self.heads))}
 
-    def primary_network(self) -> "StrippedPrimary":
+    def inference_network(self) -> "StrippedPrimary":
         """The primary branch alone, with alpha^P taken as zero: its fusion ops reduce to BN+ReLU."""
         norms = {int(key.split("_")[1]): op.without_inputs() for key, op in self.fusions.items()
                  if key.startswith(f"b{PRIMARY}_")}

@@ -35,6 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from taskfold.models.arch import ArchSpec
 from taskfold.models.backbones import Backbone, create_backbone
+from taskfold.models.errors import ModelError
+from taskfold.models.modes import eval_mode
 from taskfold.models.nets.registry import NETWORKS
 from taskfold.models.nets.shared import build_heads
 from taskfold.models.nets.tree import Tree, derive_tree
@@ -44,11 +46,8 @@ _MACS_CACHE: dict[tuple, list[int]] = {}
 
 def count_macs(module: nn.Module, *inputs: Tensor) -> int:
     """Multiply-accumulates of one forward call (FlopCounterMode's flops / 2), eval mode, no grad."""
-    was_training = module.training
-    module.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(*inputs)
-    module.train(was_training)
     return counter.get_total_flops() // 2
 
 
@@ -86,13 +85,10 @@ def output_batchnorms(block: nn.Module, example: Tensor) -> list[nn.BatchNorm2d]
             def hook(mod, _inputs, output, _store=produced):
                 _store[output.grad_fn] = mod
             handles.append(module.register_forward_hook(hook))
-    was_training = block.training
-    block.eval()
     try:
-        with torch.enable_grad():
+        with eval_mode(block), torch.enable_grad():
             out = block(example.detach().requires_grad_(True))
     finally:
-        block.train(was_training)
         for handle in handles:
             handle.remove()
     found: list[nn.BatchNorm2d] = []
@@ -171,6 +167,11 @@ class BranchNet(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.stem.parameters())
+
+    def inference_network(self) -> nn.Module:
+        """A supergraph is never exported: its method retrains the derived tree (``bmtas_retrain``)."""
+        raise ModelError("a BMTAS search supergraph is not an inference network: compile the retrain stage "
+                         "(RUN/retrain), which trains the derived tree")
 
     def routing(self) -> list[list[int]]:
         """``routing[t][l]``: the copy task t takes at layer l under argmax (the derived architecture)."""

@@ -10,6 +10,7 @@ exports as is.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 from taskfold.models.arch import ArchSpec
 from taskfold.models.backbones import create_backbone
 from taskfold.models.errors import ModelError
-from taskfold.models.nets.registry import NETWORKS
+from taskfold.models.nets.registry import NETWORKS, network_options
+from taskfold.models.weights import sub_state
 from taskfold.models.nets.shared import build_heads
 from taskfold.models.nets.tree import Tree, check_tree, parent_index
 
@@ -26,13 +28,21 @@ def node_key(layer: int, group: int) -> str:
     return f"l{layer}_g{group}"
 
 
+@dataclass
+class BranchedNetOptions:
+    """What a BranchedNet is built from (BMTAS retrain's Options extend it)."""
+
+    tree: list = field(default_factory=list)  # per encoder layer, the task groups (models/nets/tree.py)
+
+
 class BranchedNet(nn.Module):
     def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
         super().__init__()
         backbone = create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights,
                                    **spec.backbone_options)
         self.task_names = spec.task_names
-        self.tree: Tree = check_tree(spec.options.get("tree"), self.task_names, len(backbone.blocks))
+        tree = network_options(BranchedNetOptions, spec.options).tree
+        self.tree: Tree = check_tree(tree, self.task_names, len(backbone.blocks))
         self.stem = backbone.stem
         self.nodes = nn.ModuleDict({
             node_key(layer, g): copy.deepcopy(backbone.blocks[layer])
@@ -40,6 +50,10 @@ class BranchedNet(nn.Module):
         })
         self.heads = build_heads(spec, backbone.feature_info, spec.tasks)
         self.shared_features: list[Tensor] = []
+
+    def inference_network(self) -> nn.Module:
+        """Inference keeps the derived tree as trained."""
+        return self
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The stem and every node that all tasks share (what gradient weighting strategies see)."""
@@ -82,10 +96,8 @@ class BranchedNet(nn.Module):
         for layer, grouping in enumerate(self.tree):
             for g, group in enumerate(grouping):
                 copy_index = routing[group[0]][layer]
-                prefix = f"candidates.{layer}.{copy_index}."
-                for key, value in state.items():
-                    if key.startswith(prefix):
-                        mapped[f"nodes.{node_key(layer, g)}.{key[len(prefix):]}"] = value
+                copy_state = sub_state(state, f"candidates.{layer}.{copy_index}.")
+                mapped.update({f"nodes.{node_key(layer, g)}.{key}": value for key, value in copy_state.items()})
         own = self.state_dict()
         unexpected = sorted(set(mapped) - set(own))
         if unexpected:

@@ -14,11 +14,12 @@ runs, as the straight-through gradient on ``S`` needs every head's loss, but onl
 heads and branches no task chose run without autograd, so the backward pass costs what the
 chosen heads cost. Heads that did not run with autograd have no gradient, so the optimiser skips
 them too (each head copy owns its parameters).
-:meth:`GroupNet.pruned_network` keeps one head per task and only the branches tasks chose.
+:meth:`GroupNet.inference_network` keeps one head per task and only the branches tasks chose.
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ from taskfold.models.backbones import create_backbone
 from taskfold.models.errors import ModelError
 from taskfold.models.layers.heads import create_head, default_head
 from taskfold.models.layers.stacked_heads import StackedMLPHead
-from taskfold.models.nets.registry import NETWORKS
+from taskfold.models.nets.registry import NETWORKS, network_options
+from taskfold.models.weights import sub_state
 
 
 def run_blocks(blocks, x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -41,12 +43,34 @@ def run_blocks(blocks, x: Tensor) -> tuple[Tensor, list[Tensor]]:
     return x, features
 
 
+@dataclass
+class GroupNetOptions:
+    """What a GroupNet is built with (DMTG's Options extend it)."""
+
+    num_groups: int = 2  # K: at most this many groups
+    stem_blocks: int = 0  # backbone blocks shared by every group before the branches
+    head_hidden: int = 0  # hidden width of a global task's MLP head (0: linear)
+    tau: float = 2.5  # Gumbel-softmax temperature (the method anneals it)
+    hard: bool = False  # straight-through one-hot samples
+    skip_below: float = 1e-3  # soft sampling: heads with a sampled weight below this are not run
+
+
+class SampledOutputs(dict):
+    """A training forward's outputs, ``{task: (n_active, B, ...)}``, carrying the Gumbel sample they
+    were computed under: ``weights`` Z (N, K) and ``active`` (N, K), which (task, group) heads ran
+    (the rows of each task's output, in group order). DMTG's loss weighs each head's loss by Z."""
+
+    def __init__(self, outputs: dict[str, Tensor], *, weights: Tensor, active: Tensor) -> None:
+        super().__init__(outputs)
+        self.weights, self.active = weights, active
+
+
 class GroupNet(nn.Module):
     def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
         super().__init__()
-        opts = spec.options
-        self.num_groups = int(opts.get("num_groups", 2))
-        stem_blocks = int(opts.get("stem_blocks", 0))
+        opts = network_options(GroupNetOptions, spec.options)
+        self.num_groups = opts.num_groups
+        stem_blocks = opts.stem_blocks
         backbone = create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights,
                                    **spec.backbone_options)
         if self.num_groups < 1:
@@ -59,7 +83,7 @@ class GroupNet(nn.Module):
         self.branches = nn.ModuleList([copy.deepcopy(branch) for _ in range(self.num_groups)])
         info = backbone.feature_info
         size = (spec.image_size, spec.image_size)
-        hidden = int(opts.get("head_hidden", 0))
+        hidden = opts.head_hidden
         self.heads = nn.ModuleDict()
         for t in spec.tasks:
             if t.output == "global":
@@ -69,11 +93,9 @@ class GroupNet(nn.Module):
                                    channels=spec.head_channels, output_size=size)
                 self.heads[t.name] = nn.ModuleList([copy.deepcopy(head) for _ in range(self.num_groups)])
         self.group_logits = nn.Parameter(torch.zeros(len(spec.tasks), self.num_groups))
-        self.tau = float(opts.get("tau", 2.5))
-        self.hard = bool(opts.get("hard", False))
-        self.skip_below = float(opts.get("skip_below", 1e-3))
-        self.assignment_weights: Tensor | None = None  # Z of the last training step, (N, K)
-        self.active: Tensor | None = None  # which (task, group) heads ran in the last step
+        self.tau = opts.tau
+        self.hard = opts.hard
+        self.skip_below = opts.skip_below
         self.shared_features: list[Tensor] = []
 
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -90,18 +112,15 @@ class GroupNet(nn.Module):
         the stem and every branch (so the K branches stay identical), each task's head into all K
         of its copies. A global head loads only if it has the MTL head's shape (``head_hidden: 0``,
         a linear layer); otherwise it keeps its fresh initialisation."""
-        def part(prefix: str) -> dict[str, Tensor]:
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
         stem_blocks = len(self.stem) - 1
-        self.stem[0].load_state_dict(part("backbone.stem."))
+        self.stem[0].load_state_dict(sub_state(state, "backbone.stem."))
         for i in range(stem_blocks):
-            self.stem[1 + i].load_state_dict(part(f"backbone.blocks.{i}."))
+            self.stem[1 + i].load_state_dict(sub_state(state, f"backbone.blocks.{i}."))
         for branch in self.branches:
             for j, block in enumerate(branch):
-                block.load_state_dict(part(f"backbone.blocks.{stem_blocks + j}."))
+                block.load_state_dict(sub_state(state, f"backbone.blocks.{stem_blocks + j}."))
         for t in self.tasks:
-            head, saved = self.heads[t.name], part(f"heads.{t.name}.")
+            head, saved = self.heads[t.name], sub_state(state, f"heads.{t.name}.")
             if not saved:
                 raise ModelError(f"the naive-MTL weights have no head for task {t.name!r}")
             if not isinstance(head, StackedMLPHead):
@@ -125,7 +144,8 @@ class GroupNet(nn.Module):
         return self.group_logits.argmax(dim=1).tolist()
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
-        """Training: {task: (n_active, B, ...)} outputs of the heads that ran (see ``active``).
+        """Training: {task: (n_active, B, ...)} outputs of the heads that ran, as
+        :class:`SampledOutputs` (with the sample: which heads ran and their weights).
         Eval: {task: (B, ...)} through each task's argmax group."""
         x, stem_features = self._stem(image)
         self.shared_features = [x]
@@ -142,15 +162,15 @@ class GroupNet(nn.Module):
         score_all = self.hard and self.group_logits.requires_grad
         active = torch.ones_like(z, dtype=torch.bool) if score_all else z.detach() >= self.skip_below
         active[torch.arange(len(self.tasks)), chosen] = True
-        self.assignment_weights, self.active = z, active
         learn = set(chosen.tolist()) if score_all else None  # branches that get a gradient (None: all)
         feats = {}
         for k in active.any(dim=0).nonzero().flatten().tolist():
             with torch.set_grad_enabled(learn is None or k in learn):
                 feats[k] = self._branch(k, x, stem_features)
         pooled = {k: f[-1].mean(dim=(2, 3)) for k, f in feats.items()}  # once per branch, for every task
-        return {t.name: self._task_heads(t.name, feats, pooled, active[i].nonzero().flatten().tolist(), int(chosen[i]))
-                for i, t in enumerate(self.tasks)}
+        return SampledOutputs({t.name: self._task_heads(t.name, feats, pooled, active[i].nonzero().flatten().tolist(),
+                                                        int(chosen[i]))
+                               for i, t in enumerate(self.tasks)}, weights=z, active=active)
 
     def _task_heads(self, task: str, feats: dict[int, list[Tensor]], pooled: dict[int, Tensor], groups: list[int],
                     chosen: int) -> Tensor:
@@ -174,7 +194,8 @@ class GroupNet(nn.Module):
             return torch.stack([head[k](feats[k]) for k in groups])
         return head(torch.stack([pooled[k] for k in groups]), groups)
 
-    def pruned_network(self) -> "PrunedGroupNet":
+    def inference_network(self) -> "PrunedGroupNet":
+        """One head per task (its most likely group) and only the branches some task chose."""
         groups = self.assignment()
         heads = {}
         for t, k in zip(self.tasks, groups):

@@ -40,6 +40,10 @@ class SharedNet(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters())
 
+    def inference_network(self) -> nn.Module:
+        """Inference keeps the network as trained."""
+        return self
+
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone.forward_features(image)
         self.shared_features = [features[i] for i in self.read_indices]
@@ -59,6 +63,10 @@ class SingleTaskNets(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return []
+
+    def inference_network(self) -> nn.Module:
+        """Inference keeps the network as trained."""
+        return self
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

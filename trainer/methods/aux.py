@@ -9,6 +9,7 @@ reference code (0 until 50 %, linear to lambda_max = 1000 at 80 %, then flat).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -16,12 +17,13 @@ from torch import nn
 
 from taskfold.models.arch import ArchSpec
 from taskfold.models.nets import build_network
-from taskfold.models.nets.aux import AuxNet
+from taskfold.models.nets.aux import AuxNet, AuxNetOptions
+from taskfold.models.weights import sub_state
 from taskfold.trainer import distributed
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.methods.base import METHODS, Progress
 from taskfold.trainer.methods.plain import per_task_losses, weighted_total
-from taskfold.trainer.rundir import WEIGHTS, RunDir
+from taskfold.trainer.rundir import RunDir
 
 LAMBDA_MAX = {"paper": 100.0, "reference": 1000.0}
 
@@ -35,23 +37,19 @@ def lambda_at(schedule: str, lambda_max: float, fraction: float) -> float:
     return lambda_max * min(1.0, (fraction - 0.5) / 0.3)
 
 
-def _strip_prefix(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def init_branches_from_runs(model: AuxNet, init_from: dict[str, str]) -> None:
     """Load each named branch (backbone + head) from a finished ``single`` or ``shared`` run."""
     for task, run_dir in init_from.items():
         if task not in model.task_order:
             raise ConfigError(f"method.init_from: {task!r} is not one of the tasks ({', '.join(model.task_order)})")
-        path = RunDir(run_dir).checkpoints / "last" / WEIGHTS
+        path = RunDir(run_dir).weights_path()
         if not path.is_file():
             raise ConfigError(f"method.init_from.{task}: no checkpoint at {path}")
         state = load_file(str(path))
         b = model.task_order.index(task)
         for prefix in (f"nets.{task}.", ""):  # a `single` run nests each task's net; `shared` does not
-            backbone = _strip_prefix(state, f"{prefix}backbone.")
-            head = _strip_prefix(state, f"{prefix}heads.{task}.")
+            backbone = sub_state(state, f"{prefix}backbone.")
+            head = sub_state(state, f"{prefix}heads.{task}.")
             if backbone and head:
                 model.branches[b].load_state_dict(backbone)
                 model.heads[b].load_state_dict(head)
@@ -64,22 +62,16 @@ class AuxMethod:
     """Aux-G-Stage / Aux-G-Layer / Aux-NAS on the shared training loop."""
 
     @dataclass
-    class Options:
-        window: int = 3
-        alpha_p_init: float = 0.5
-        alpha_a_init: float = 0.5
-        lambda_schedule: str = "paper"
+    class Options(AuxNetOptions):
+        lambda_schedule: Literal["paper", "reference"] = "paper"
         lambda_max: float | None = None
         alpha_lr: float = 1e-2
-        strip_threshold: float = 1e-2
         init_from: dict = field(default_factory=dict)
 
     searched = False
 
     def __init__(self, options: Options) -> None:
         o = options
-        if o.lambda_schedule not in LAMBDA_MAX:
-            raise ConfigError(f"method.lambda_schedule: {o.lambda_schedule!r}; expected paper or reference")
         for name in ("alpha_p_init", "alpha_a_init"):
             if not 0.0 < getattr(o, name) < 1.0:
                 raise ConfigError(f"method.{name}: must be in (0, 1), got {getattr(o, name)}")
@@ -107,6 +99,9 @@ class AuxMethod:
     def load_state_dict(self, model: AuxNet, state: dict) -> None:
         if self.searched:
             self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Aux methods leave the weight optimiser's state alone."""
 
     def param_groups(self, model: AuxNet) -> list[dict]:
         alpha = {id(p) for p in model.arch_parameters()}

@@ -7,8 +7,8 @@ checkpoints. A method owns only what makes it that method:
 - ``param_groups``: what the loop's weight optimiser updates (method-owned architecture
   parameters such as Aux-NAS's alpha are left out; per-group learning rates allowed, as an
   absolute ``lr`` or as ``lr_scale`` times ``train.lr``);
-- optional ``attach_optimizer(optimizer)``: called once with the weight optimiser, for a method
-  whose schedule resets its state (BMTAS, after every architecture change);
+- ``attach_optimizer(optimizer)``: called once with the weight optimiser, for a method whose
+  schedule resets its state (BMTAS, after every architecture change; a no-op elsewhere);
 - ``arch_fraction``: the share of each epoch's training data reserved for architecture steps
   (0 = one-shot or nothing to search);
 - ``start_epoch``: schedules (temperature, L1 weight), returning values to log;
@@ -60,6 +60,8 @@ class Method(Protocol):
     def build(self, spec: ArchSpec, *, backbone_weights: str | None) -> nn.Module: ...
 
     def param_groups(self, model: nn.Module) -> list[dict]: ...
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None: ...
 
     def start_epoch(self, model: nn.Module, progress: Progress) -> dict[str, float]: ...
 

@@ -42,6 +42,7 @@ alpha step. The weight optimiser's state (momentum) is reset after every
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -52,17 +53,16 @@ from taskfold.models.bmtas_resource import (MAX_TASKS_EXACT, MAX_TASKS_PAPER_CHA
                                             expected_madds)
 from taskfold.models.nets import build_network
 from taskfold.models.nets.branch import BranchNet, reset_bn_stats, set_bn_stat_tracking
-from taskfold.models.nets.branched import BranchedNet, node_key
+from taskfold.models.nets.branched import BranchedNet, BranchedNetOptions, node_key
 from taskfold.models.nets.tree import TreeError, tree_macs
 from taskfold.trainer import distributed
 from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
 from taskfold.trainer.methods.plain import Stateless, load_weights_into, per_task_losses, weighted_total
-from taskfold.trainer.rundir import WEIGHTS, RunDir
+from taskfold.trainer.rundir import RunDir
 from taskfold.trainer import bmtas_report  # noqa: F401  (registers the report section)
 
 TASK_LIMITS = {"exact": MAX_TASKS_EXACT, "paper_chain": MAX_TASKS_PAPER_CHAIN}
-RETRAIN_MODES = ("scratch", "supergraph")
 
 
 @METHODS.register("bmtas")
@@ -77,7 +77,7 @@ class BMTASSearch:
         alpha_weight_decay: float = 5e-5
         resource_lambda: float = 0.0
         resource_estimator: str = "exact"
-        retrain: str = "scratch"
+        retrain: Literal["scratch", "supergraph"] = "scratch"
         retrain_epochs: int | None = None
         reset_alpha_optimizer: bool = True
 
@@ -89,8 +89,6 @@ class BMTASSearch:
         if o.resource_estimator not in RESOURCE_ESTIMATORS:
             problems.append(f"method.resource_estimator: {o.resource_estimator!r}; available: "
                             f"{', '.join(RESOURCE_ESTIMATORS.names())}")
-        if o.retrain not in RETRAIN_MODES:
-            problems.append(f"method.retrain: {o.retrain!r}; expected {' or '.join(RETRAIN_MODES)}")
         if not (0 < o.tau_end <= o.tau_start):
             problems.append(f"method.tau_start/tau_end: need 0 < tau_end <= tau_start, got {o.tau_start}, {o.tau_end}")
         if not 0.0 <= o.warmup_fraction < 1.0:
@@ -213,7 +211,7 @@ class BMTASSearch:
         raw = cfg.to_dict()
         method = {"name": "bmtas_retrain", "tree": decision["tree"], "routing": decision["routing"]}
         if self.options.retrain == "supergraph":
-            method["init_checkpoint"] = str(RunDir(run_dir).checkpoints / "last" / WEIGHTS)
+            method["init_checkpoint"] = str(RunDir(run_dir).weights_path())
         raw["method"] = method
         raw["name"] = f"{cfg.name}-retrain"
         raw["train"]["epochs"] = self.options.retrain_epochs or cfg.train.epochs
@@ -227,8 +225,7 @@ class BMTASRetrain(Stateless):
     arch_fraction = 0.0
 
     @dataclass
-    class Options:
-        tree: list = field(default_factory=list)
+    class Options(BranchedNetOptions):
         routing: dict = field(default_factory=dict)
         init_checkpoint: str | None = None
         divide_shared_lr: bool = True

@@ -19,6 +19,7 @@ read-off (``assignment: fixed``, ``groups``) and trains on from the search's wei
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -26,14 +27,14 @@ from torch import nn
 
 from taskfold.models.arch import ArchSpec
 from taskfold.models.nets import build_network
-from taskfold.models.nets.group import GroupNet
+from taskfold.models.nets.group import GroupNet, GroupNetOptions
+from taskfold.models.nets.registry import network_options
 from taskfold.trainer.config import Config, ConfigError, config_from_dict
 from taskfold.trainer.methods.base import METHODS, Progress
 from taskfold.trainer.methods.plain import Stateless, load_weights_into
 from taskfold.trainer.report import REPORT_SECTIONS, line_style, pyplot
-from taskfold.trainer.rundir import WEIGHTS, RunDir
+from taskfold.trainer.rundir import RunDir
 
-ASSIGNMENTS = ("learned", "random", "fixed")
 # A task counts as decided when its chosen group holds at least this probability; below
 # UNDECIDED_MARGIN over the uniform 1/K it is still close to a coin toss.
 DECIDED = 0.9
@@ -54,17 +55,11 @@ class DMTGMethod(Stateless):
     arch_fraction = 0.0
 
     @dataclass
-    class Options:
-        num_groups: int = 2
+    class Options(GroupNetOptions):
         max_groups: int = 16
-        stem_blocks: int = 0
-        head_hidden: int = 0
-        tau: float = 2.5
         tau_final: float | None = None
-        hard: bool = False
-        skip_below: float = 1e-3
         logits_lr: float | None = None
-        assignment: str = "learned"
+        assignment: Literal["learned", "random", "fixed"] = "learned"
         assignment_seed: int = 0
         groups: list | None = None  # assignment: fixed — each task's group, in task order
         init_from: str | None = None  # a finished naive-MTL (`shared`) run directory
@@ -79,8 +74,6 @@ class DMTGMethod(Stateless):
             raise ConfigError(f"method.num_groups: {o.num_groups} groups exceed method.max_groups = {o.max_groups}")
         if o.tau <= 0 or (o.tau_final is not None and o.tau_final <= 0):
             raise ConfigError("method.tau and method.tau_final must be > 0")
-        if o.assignment not in ASSIGNMENTS:
-            raise ConfigError(f"method.assignment: {o.assignment!r}; expected one of {', '.join(ASSIGNMENTS)}")
         if (o.assignment == "fixed") != (o.groups is not None):
             raise ConfigError("method.groups: give it exactly when method.assignment is fixed")
         if o.finetune_epochs < 0:
@@ -99,7 +92,7 @@ class DMTGMethod(Stateless):
                               f"got {o.groups}")
         model = build_network(spec, backbone_weights=backbone_weights)
         if o.init_from is not None:
-            load_weights_into("method.init_from", RunDir(o.init_from).checkpoints / "last" / WEIGHTS, model.load_shared)
+            load_weights_into("method.init_from", RunDir(o.init_from).weights_path(), model.load_shared)
         if o.init_checkpoint is not None:
             load_weights_into("method.init_checkpoint", o.init_checkpoint, model.load_state_dict)
         if o.assignment == "random":
@@ -130,7 +123,7 @@ class DMTGMethod(Stateless):
         return {"tau": model.tau, "probabilities": dict(zip([t.name for t in model.tasks], probs))}
 
     def task_losses(self, model: GroupNet, outputs: dict, targets: dict, tasks: list) -> dict[str, torch.Tensor]:
-        z, active = model.assignment_weights, model.active
+        z, active = outputs.weights, outputs.active  # the Gumbel sample these outputs were computed under
         losses = {}
         for i, t in enumerate(tasks):
             groups = active[i].nonzero().flatten()
@@ -156,7 +149,7 @@ class DMTGMethod(Stateless):
             return None
         raw = cfg.to_dict()
         raw["method"].update(assignment="fixed", groups=[decision["assignment"][t["name"]] for t in raw["tasks"]],
-                             init_checkpoint=str(RunDir(run_dir).checkpoints / "last" / WEIGHTS),
+                             init_checkpoint=str(RunDir(run_dir).weights_path()),
                              init_from=None, finetune_epochs=0)
         raw["name"] = f"{cfg.name}-finetune"
         raw["train"]["epochs"] = o.finetune_epochs
@@ -221,5 +214,5 @@ def report_section(run: RunDir, records: list[dict]) -> list[str]:
     fig.tight_layout()
     fig.savefig(run.path / "groups.png", dpi=90)
     plt.close(fig)
-    mode = spec.options.get("assignment", "learned")
+    mode = network_options(DMTGMethod.Options, spec.options).assignment
     return ["## Task groups (DMTG)", "", *groups_summary(decision, mode), "", "![groups](groups.png)", ""]

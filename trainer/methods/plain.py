@@ -53,6 +53,9 @@ class Stateless:
     def load_state_dict(self, model: nn.Module, state: dict) -> None:
         pass
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing of the weight optimiser's state to manage."""
+
 
 class PlainMethod(Stateless):
     """A method that trains the network as built: nothing searched, nothing read off."""

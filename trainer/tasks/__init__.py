@@ -7,8 +7,8 @@ multi-task model's results in one number.
 from __future__ import annotations
 
 from taskfold.trainer.tasks import binary, classification, geometry, regression, segmentation  # noqa: F401  (registers)
-from taskfold.trainer.tasks.base import TASKS, Meter, Task, create_task
+from taskfold.trainer.tasks.base import TASKS, Meter, Task, check_task_options, create_task
 from taskfold.trainer.tasks.geometry import align_scale_shift
 from taskfold.trainer.tasks.summaries import delta_m, norm_gain
 
-__all__ = ["TASKS", "Meter", "Task", "align_scale_shift", "create_task", "delta_m", "norm_gain"]
+__all__ = ["TASKS", "Meter", "Task", "align_scale_shift", "check_task_options", "create_task", "delta_m", "norm_gain"]

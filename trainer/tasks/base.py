@@ -13,7 +13,7 @@ degrees; depth/disparity errors in the label's unit.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,12 @@ class Task(ABC):
                 f"out_channels={self.out_channels})")
 
 
+def check_task_options(name: str, kind: str, options: dict) -> Any:
+    """Task ``name``'s options validated against its kind's ``Options`` (needs no dataset: the
+    recipe check before any data is read calls this); an unknown kind raises ``UnknownNameError``."""
+    return build_options(TASKS.get(kind).Options, options, f"tasks.{name}")
+
+
 def create_task(name: str, kind: str, dataset_info: DatasetInfo, *, weight: float = 1.0, **options) -> Task:
     """Build the task ``name`` of ``kind`` for a dataset; options are validated here.
 
@@ -103,7 +109,7 @@ def create_task(name: str, kind: str, dataset_info: DatasetInfo, *, weight: floa
     provide raise :class:`ConfigError`; an unknown kind raises ``UnknownNameError``.
     """
     cls = TASKS.get(kind)
-    opts = build_options(cls.Options, options, f"tasks.{name}")
+    opts = check_task_options(name, kind, options)
     target = opts.target or kind
     if target not in dataset_info.labels:
         have = ", ".join(sorted(dataset_info.labels)) or "none"
@@ -120,12 +126,6 @@ def create_task(name: str, kind: str, dataset_info: DatasetInfo, *, weight: floa
 def option_error(task: str, field: str, message: str) -> ConfigError:
     """A ConfigError in the same ``tasks.<name>.<field>`` form as build_options' messages."""
     return ConfigError(f"tasks.{task}.{field}: {message}")
-
-
-def check_choice(task: str, field: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise option_error(task, field, f"expected one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 def label_count(task: str, label: str, label_info: dict, key: str) -> int:

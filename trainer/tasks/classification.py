@@ -8,11 +8,12 @@ would inflate a multi-task summary without measuring anything.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from taskfold.trainer.tasks.base import TASKS, SummedMeter, Task, check_choice, label_count
+from taskfold.trainer.tasks.base import TASKS, SummedMeter, Task, label_count
 
 
 def _hard_labels(target: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,7 @@ class ClassificationTask(Task):
     @dataclass
     class Options:
         target: str | None = None
-        loss: str = "ce"
+        loss: Literal["ce", "l2"] = "ce"
 
     def __init__(self, name: str, target: str, label_info: dict, options: Options) -> None:
         classes = label_count(name, target, label_info, "classes")
@@ -37,7 +38,7 @@ class ClassificationTask(Task):
         super().__init__(name, target, output="global", out_channels=classes,
                          metrics=metrics, main_metric="top1")
         self.classes = classes
-        self.loss_kind = check_choice(name, "loss", options.loss, ("ce", "l2"))
+        self.loss_kind = options.loss
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._sample_losses(pred, target).mean()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
-from taskfold.trainer.tasks.base import TASKS, SummedMeter, Task, check_choice, check_shapes, masked_mean
+from taskfold.trainer.tasks.base import TASKS, SummedMeter, Task, check_shapes, masked_mean
 
 _NAN = float("nan")
 
@@ -141,12 +142,12 @@ class DepthTask(Task):
     @dataclass
     class Options:
         target: str | None = None
-        loss: str = "l1"
+        loss: Literal["l1", "ssi"] = "l1"
 
     def __init__(self, name: str, target: str, label_info: dict, options: Options) -> None:
         super().__init__(name, target, output="dense", out_channels=1,
                          metrics={"rmse": False, "abs_rel": False, "delta1": True}, main_metric="rmse")
-        self.loss_kind = check_choice(name, "loss", options.loss, ("l1", "ssi"))
+        self.loss_kind = options.loss
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         check_shapes(self.name, pred, target)

@@ -26,8 +26,6 @@ class StepContext:
     shared_features: the shared representation(s) z the task losses were computed from, as
         produced in this forward pass (non-leaf tensors in the graph); empty when not available.
     primary: the primary task names (all tasks when the config names no primary).
-    auxiliary: the auxiliary task names (possibly empty).
-    epoch, step: progress, for strategies with schedules (DWA uses per-epoch loss history).
     loss_scale: the fp16 GradScaler's scale (a 0-dim tensor on the device), None without one.
         Every backward pass of a strategy goes through :meth:`backward` (or the gradient plumbing
         of ``grads.py``, which divides the scale out of the per-task gradients a rule sees).
@@ -36,9 +34,6 @@ class StepContext:
     shared_params: list[nn.Parameter]
     shared_features: list[torch.Tensor] = field(default_factory=list)
     primary: list[str] = field(default_factory=list)
-    auxiliary: list[str] = field(default_factory=list)
-    epoch: int = 0
-    step: int = 0
     loss_scale: torch.Tensor | None = None
 
     def scaled(self, total: torch.Tensor) -> torch.Tensor:

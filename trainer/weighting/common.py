@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from taskfold.trainer.weighting.base import Needs
-from taskfold.trainer.weighting.grads import ON_CHOICES, check_choice
 
 
 class StrategyBase:
@@ -60,10 +60,7 @@ class StrategyBase:
 class OnOptions:
     """``on``: compare the task gradients on the shared ``params`` or on the shared ``features``."""
 
-    on: str = "params"
-
-    def __post_init__(self) -> None:
-        check_choice("on", self.on, ON_CHOICES)
+    on: Literal["params", "features"] = "params"
 
 
 class GradientStrategy(StrategyBase):

@@ -23,13 +23,14 @@ around when sigma > 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from taskfold.trainer.weighting.base import StepContext
 from taskfold.trainer.weighting.common import GradientStrategy, OnOptions
-from taskfold.trainer.weighting.grads import (check_choice, combined_backward, primary_index, scale_losses,
+from taskfold.trainer.weighting.grads import (combined_backward, primary_index, scale_losses,
                                               strategy_parameter)
 from taskfold.trainer.weighting.registry import WEIGHTINGS
 from taskfold.trainer.weighting.uncertainty import sigma_logs, uncertainty_objective
@@ -60,13 +61,9 @@ class ImpartialAuxiliaryLearning(GradientStrategy):
 
     @dataclass
     class Options(OnOptions):
-        g: str = "relu"
-        on: str = "features"
+        g: Literal["relu", "sigmoid", "identity"] = "relu"  # the keys of G_FUNCTIONS
+        on: Literal["params", "features"] = "features"
         init_log_sigma: float = 0.0
-
-        def __post_init__(self) -> None:
-            check_choice("g", self.g, tuple(G_FUNCTIONS))
-            super().__post_init__()
 
     def __init__(self, options: Options, tasks: list[str], task_weights: dict[str, float]) -> None:
         super().__init__(options, tasks, task_weights)

@@ -1,7 +1,6 @@
 """The registry of weighting strategies and the one place that builds them from a config."""
 from __future__ import annotations
 
-import inspect
 
 from taskfold.models.registry import Registry
 from taskfold.trainer.config import ConfigError, build_options
@@ -24,8 +23,4 @@ def create_weighting(spec: dict, *, tasks: list[str], primary: list[str],
     auxiliary = [t for t in tasks if t not in primary]
     if getattr(cls, "requires_primary", False) and (not auxiliary or len(primary) != 1):
         raise ConfigError(f"weighting {name!r} needs `primary:` set to one task (the others become auxiliary)")
-    kwargs = {"options": options, "tasks": tasks}
-    params = inspect.signature(cls).parameters
-    if "task_weights" in params:
-        kwargs["task_weights"] = task_weights or {t: 1.0 for t in tasks}
-    return cls(**kwargs)
+    return cls(options=options, tasks=tasks, task_weights=task_weights or {t: 1.0 for t in tasks})
