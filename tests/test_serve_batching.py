@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 
 import numpy as np
-import pytest
 
 from taskfold.runtime.serve.batching import FULL, MAX_DELAY, NONE_ARRIVING, BatchRecord, DynamicBatcher
 
