@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cli_runner import assert_user_error, run_cli
 from dataset_fixtures import (CELEBA_NAMES, PASCAL_IDS, TASKONOMY_BUILDINGS, celeba_row, pascal_label_map,
                               write_celeba, write_cityscapes, write_nyuv2, write_pascal, write_taskonomy)
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.data import create_dataset
+from taskfold.trainer.data.dense import nearest_index
 from taskfold.trainer.data.edges import label_edges, laplacian, thin
 from taskfold.trainer.data.idx import DataFormatError, DatasetUnavailable
 from taskfold.trainer.data.loader import SampleKey, load_batch
@@ -68,6 +70,17 @@ def test_zoom_divides_depth_by_the_scale(tmp_path):
     windows = [depth[r:r + 8, c:c + 8] for r in range(9) for c in range(9)]
     got = t["depth"][0, ::2, ::2].numpy()
     assert any(np.array_equal(got, w / 2) for w in windows)
+
+
+def test_picking_raw_pixels_equals_torch_nearest_resampling():
+    """The pipeline crops and resamples stored planes by index; torch's nearest mode on the
+    decoded map must pick the same pixels, whatever the ratio."""
+    rng = np.random.default_rng(1)
+    for height, width, size in ((512, 512, 256), (375, 500, 512), (288, 384, 288), (17, 23, 5), (8, 8, 16)):
+        plane = rng.integers(0, 2 ** 16, (height, width)).astype(np.int64)
+        picked = plane[nearest_index(height, size)[:, None], nearest_index(width, size)]
+        resampled = F.interpolate(torch.from_numpy(plane)[None, None].float(), size=(size, size), mode="nearest")
+        assert np.array_equal(picked, resampled[0, 0].long().numpy())
 
 
 def test_cityscapes_label_folders_and_disparity(tmp_path):
@@ -142,6 +155,43 @@ def test_edges_of_a_label_map_by_hand():
     assert skeleton[3, 2:7].all() and skeleton.sum(axis=0).max() == 1  # a 3-wide bar → a 1-wide line
 
 
+def _thin_by_hand(mask: np.ndarray) -> np.ndarray:
+    """Guo & Hall's two subiterations pixel by pixel, straight from the paper's conditions."""
+    image = np.pad(mask.astype(bool), 1)
+    while True:
+        changed = False
+        for first in (True, False):
+            delete = []
+            for r, c in zip(*np.nonzero(image)):
+                # x1..x8 counter-clockwise from east, x9 = x1
+                x = [bool(image[r + dy, c + dx]) for dy, dx in
+                     ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))]
+                x.append(x[0])
+                crossing = sum(not x[i] and (x[i + 1] or x[i + 2]) for i in (0, 2, 4, 6))
+                n1 = sum(x[i] or x[i + 1] for i in (0, 2, 4, 6))
+                n2 = sum(x[i + 1] or x[i + 2] for i in (0, 2, 4, 6))
+                g3 = (x[1] or x[2] or not x[7]) and x[0] if first else (x[5] or x[6] or not x[3]) and x[4]
+                if crossing == 1 and 2 <= min(n1, n2) <= 3 and not g3:
+                    delete.append((r, c))
+            for r, c in delete:  # parallel: every decision above saw the same image
+                image[r, c] = False
+            changed |= bool(delete)
+        if not changed:
+            return image[1:-1, 1:-1]
+
+
+def test_thin_matches_the_paper_pixel_by_pixel():
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        height, width = rng.integers(3, 14, 2)
+        mask = rng.random((height, width)) < rng.uniform(0.2, 0.9)
+        assert np.array_equal(thin(mask), _thin_by_hand(mask))
+    label_map = np.kron(rng.integers(0, 459, (5, 5)), np.ones((6, 6), np.int64)).astype(np.uint16)
+    assert laplacian(label_map).dtype == np.int32  # exact integers for 16-bit maps
+    assert np.array_equal(laplacian(label_map), laplacian(label_map.astype(np.float64)))
+    assert np.array_equal(label_edges(label_map), _thin_by_hand(laplacian(label_map) != 0).astype(np.uint8))
+
+
 def test_workers_give_the_same_augmented_batches(tmp_path):
     from taskfold.trainer.data.loader import EpochBatches, SplitLoader
 
@@ -154,6 +204,20 @@ def test_workers_give_the_same_augmented_batches(tmp_path):
     for (_, a, ta), (_, b, tb) in zip(*streams):
         assert torch.equal(a, b) and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert not torch.equal(streams[0][0][1][:1], streams[0][2][1][:1])  # epochs differ
+
+
+def test_packed_batches_unpack_to_the_collated_ones(tmp_path):
+    from taskfold.trainer.data.loader import collate, pack, unpack
+
+    data = build("celeba", write_celeba(tmp_path / "celeba"))
+    items = [data[i] for i in range(len(data))]
+    for batch in (items, collate(items)):  # items from workers, or a batch __getitems__ made
+        packed = pack(batch)
+        assert len(packed.buffers) == 2  # images + attributes (float32), 40 labels (int64): 42 tensors in 2
+        images, targets = unpack(packed)
+        expected_images, expected = collate(items)
+        assert torch.equal(images, expected_images) and list(targets) == list(expected)
+        assert all(torch.equal(targets[k], expected[k]) and targets[k].dtype == expected[k].dtype for k in expected)
 
 
 def test_errors_name_the_path(tmp_path):

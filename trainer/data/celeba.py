@@ -22,7 +22,7 @@ import torch
 
 from taskfold.trainer.config import build_options
 from taskfold.trainer.data.base import DATASETS, DatasetInfo
-from taskfold.trainer.data.dense import GLOBAL, AugmentOptions, DenseFiles, rgb01
+from taskfold.trainer.data.dense import GLOBAL, AugmentOptions, DenseFiles
 from taskfold.trainer.data.files import dataset_root, limit, read_image, read_lines, require_dir, require_file
 from taskfold.trainer.data.idx import DataFormatError, DatasetUnavailable
 from taskfold.trainer.data.mtan import IMAGENET_MEAN, IMAGENET_STD
@@ -84,7 +84,7 @@ class CelebA(DenseFiles):
     def __len__(self) -> int:
         return len(self.files)
 
-    def decode(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def decode(self, index: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
         image = read_image(self.image_dir / self.files[index], self.name, "RGB")
         height, width = image.shape[:2]
         side = min(height, width)
@@ -92,7 +92,7 @@ class CelebA(DenseFiles):
         row = torch.from_numpy(self.rows[index])
         labels = {name: row[i] for i, name in enumerate(self.names)}
         labels["attributes"] = row.float()
-        return rgb01(image[top:top + side, left:left + side]), labels
+        return image[top:top + side, left:left + side], labels
 
 
 @DATASETS.register("celeba")

@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from taskfold.trainer.config import build_options
 from taskfold.trainer.data.base import DATASETS, DatasetInfo
-from taskfold.trainer.data.dense import (CLASSES, DEPTH, DISPARITY, MAP, NORMALS, AugmentOptions, DenseFiles,
-                                         chw, rgb01)
+from taskfold.trainer.data.dense import CLASSES, DEPTH, DISPARITY, MAP, NORMALS, AugmentOptions, DenseFiles
 from taskfold.trainer.data.edges import label_edges
 from taskfold.trainer.data.files import (check_shape, dataset_root, limit, read_npy, require_dir,
                                          require_file)
@@ -84,23 +82,22 @@ class NpyDense(DenseFiles):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def decode(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def decode(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         i = self.indices[index]
         path = self.split_dir / "image" / f"{i}.npy"
         image = check_shape(read_npy(path, self.name), (None, None, 3), path, self.name)
         height, width = image.shape[:2]
-        labels = {}
+        planes = {}
         for key, (folder, kind) in self.folders.items():
             path = self.split_dir / folder / f"{i}.npy"
             array = read_npy(path, self.name)
             if kind == CLASSES:
-                array = check_shape(array, (height, width), path, self.name)
-                labels[key] = torch.from_numpy(np.rint(array).astype(np.int64))
+                planes[key] = np.rint(check_shape(array, (height, width), path, self.name)).astype(np.int64)
             else:
-                labels[key] = chw(check_shape(array, (height, width, 3 if kind == NORMALS else 1), path, self.name))
+                planes[key] = check_shape(array, (height, width, 3 if kind == NORMALS else 1), path, self.name)
         if self.edges:
-            labels["edges"] = torch.from_numpy(label_edges(labels["segmentation"].numpy()).astype(np.float32))[None]
-        return rgb01(image), labels
+            planes["edges"] = label_edges(planes["segmentation"])
+        return image, planes
 
 
 def _split_dir(root: str | None, name: str, split: str) -> Path:

@@ -27,7 +27,7 @@ import torch
 
 from taskfold.trainer.config import ConfigError, build_options
 from taskfold.trainer.data.base import DATASETS, DatasetInfo
-from taskfold.trainer.data.dense import CLASSES, MAP, NORMALS, AugmentOptions, DenseFiles, chw, rgb01
+from taskfold.trainer.data.dense import CLASSES, MAP, NORMALS, AugmentOptions, DenseFiles, chw
 from taskfold.trainer.data.edges import label_edges
 from taskfold.trainer.data.files import (check_shape, dataset_root, limit, read_image, read_lines, read_mat,
                                          require_dir, require_file)
@@ -55,6 +55,7 @@ NORMAL_CLASSES = frozenset((
     368, 370, 371, 374, 379, 380, 383, 384, 397, 401, 403, 405, 407, 408, 411, 412, 413, 414, 417, 419, 421,
     423, 427, 429, 430, 432, 440, 441, 442, 443, 444, 446, 454, 457,
 ))
+NORMAL_CLASS_IDS = np.array(sorted(NORMAL_CLASSES))
 TASK_LABELS = ("segmentation", "human_parts", "normals", "saliency", "edges")
 
 
@@ -123,34 +124,50 @@ class PascalContext(DenseFiles):
             raise DataFormatError(f"{self.name}: {paths['label_map']} has no LabelMap")
         return check_shape(mat["LabelMap"], shape, paths["label_map"], self.name)
 
-    def decode(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def decode(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The image and its planes as stored; the edge map is made here, from the full-resolution
+        label map (the references' order), the rest is decoded pixel by pixel in :meth:`finish`."""
         paths = self.files[index]
         image = read_image(paths["image"], self.name, "RGB")
         shape = image.shape[:2]
-        label_map = self._label_map(paths, shape) if {"edges", "normals"} & set(self.wanted) else None
-        labels: dict[str, torch.Tensor] = {}
+        planes: dict[str, np.ndarray] = {}
+        if {"edges", "normals"} & set(self.wanted):
+            planes["label_map"] = self._label_map(paths, shape)
         if "segmentation" in self.wanted:
-            seg = check_shape(read_image(paths["segmentation"], self.name), shape, paths["segmentation"], self.name)
-            labels["segmentation"] = torch.from_numpy(seg.astype(np.int64))
+            planes["segmentation"] = check_shape(read_image(paths["segmentation"], self.name), shape,
+                                                 paths["segmentation"], self.name)
         if "human_parts" in self.wanted:
             mat = read_mat(paths["human_parts"], self.name)
             try:
-                parts = human_parts_map(mat["anno"], shape)
+                planes["human_parts"] = human_parts_map(mat["anno"], shape)
             except (KeyError, IndexError, TypeError, ValueError) as exc:
                 raise DataFormatError(f"{self.name}: {paths['human_parts']} is not a PASCAL-Part "
                                       f"annotation ({type(exc).__name__}: {exc})") from None
-            labels["human_parts"] = torch.from_numpy(parts)
         if "normals" in self.wanted:
-            rgb = check_shape(read_image(paths["normals"], self.name, "RGB"), (*shape, 3), paths["normals"], self.name)
-            normals = 2.0 * rgb.astype(np.float32) / 255.0 - 1.0
-            keep = np.isin(label_map, list(NORMAL_CLASSES))
-            labels["normals"] = chw(np.where(keep[..., None], normals, 0.0))
+            planes["normals"] = check_shape(read_image(paths["normals"], self.name, "RGB"), (*shape, 3),
+                                            paths["normals"], self.name)
         if "saliency" in self.wanted:
-            sal = check_shape(read_image(paths["saliency"], self.name, "L"), shape, paths["saliency"], self.name)
-            labels["saliency"] = chw((sal.astype(np.float32) / 255.0 > 0.5).astype(np.float32))
+            planes["saliency"] = check_shape(read_image(paths["saliency"], self.name, "L"), shape,
+                                             paths["saliency"], self.name)
         if "edges" in self.wanted:
-            labels["edges"] = chw(label_edges(label_map).astype(np.float32))
-        return rgb01(image), labels
+            planes["edges"] = label_edges(planes["label_map"])
+        return image, planes
+
+    def finish(self, planes: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        labels: dict[str, torch.Tensor] = {}
+        if "segmentation" in planes:
+            labels["segmentation"] = torch.from_numpy(planes["segmentation"].astype(np.int64))
+        if "human_parts" in planes:
+            labels["human_parts"] = torch.from_numpy(planes["human_parts"])
+        if "normals" in planes:
+            normals = 2.0 * planes["normals"].astype(np.float32) / 255.0 - 1.0
+            keep = np.isin(planes["label_map"], NORMAL_CLASS_IDS)
+            labels["normals"] = chw(np.where(keep[..., None], normals, 0.0))
+        if "saliency" in planes:
+            labels["saliency"] = chw((planes["saliency"].astype(np.float32) / 255.0 > 0.5).astype(np.float32))
+        if "edges" in planes:
+            labels["edges"] = chw(planes["edges"])
+        return labels
 
 
 @DATASETS.register("pascal_context")

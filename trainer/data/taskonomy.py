@@ -34,7 +34,7 @@ import torch
 
 from taskfold.trainer.config import ConfigError, build_options
 from taskfold.trainer.data.base import DATASETS, DatasetInfo
-from taskfold.trainer.data.dense import CLASSES, DEPTH, MAP, NORMALS, AugmentOptions, DenseFiles, chw, rgb01
+from taskfold.trainer.data.dense import CLASSES, DEPTH, MAP, NORMALS, AugmentOptions, DenseFiles, chw
 from taskfold.trainer.data.files import dataset_root, limit, read_image, read_lines, require_dir, require_file
 from taskfold.trainer.data.idx import DatasetUnavailable
 from taskfold.trainer.data.mtan import IMAGENET_MEAN, IMAGENET_STD
@@ -112,36 +112,34 @@ class Taskonomy(DenseFiles):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _read(self, rgb: Path, domain: str) -> np.ndarray:
-        return read_image(label_path(self.root, rgb, domain), self.name)
-
-    def decode(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def decode(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The rgb image and each read domain's file as stored (decoded in :meth:`finish`)."""
         rgb = self.files[index]
-        image = rgb01(read_image(rgb, self.name, "RGB"))
-        raw = {domain: self._read(rgb, domain) for domain in self.read}
-        valid = None
-        if "depth_zbuffer" in raw:
-            valid = raw["depth_zbuffer"].astype(np.int64) < self.max_depth_raw
+        image = read_image(rgb, self.name, "RGB")
+        return image, {domain: read_image(label_path(self.root, rgb, domain), self.name) for domain in self.read}
+
+    def finish(self, planes: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        valid = planes["depth_zbuffer"] < self.max_depth_raw if "depth_zbuffer" in planes else None
         labels = {}
         for domain in self.domains:
             key, kind, shift, scale = DOMAINS[domain]
-            value = raw[domain]
+            value = planes[domain]
             if kind == CLASSES:
-                ids = value[..., 0] if value.ndim == 3 else value
-                labels[key] = torch.from_numpy(np.where(ids == 0, IGNORE_INDEX, ids.astype(np.int64) - 1))
+                ids = (value[..., 0] if value.ndim == 3 else value).astype(np.int64)
+                labels[key] = torch.from_numpy(np.where(ids == 0, IGNORE_INDEX, ids - 1))
             elif kind == DEPTH:
                 labels[key] = chw(np.where(valid, value / DEPTH_UNITS_PER_METRE, 0.0))
             elif kind == NORMALS:
                 normals = 2.0 * value[..., :3].astype(np.float32) / 255.0 - 1.0
                 labels[key] = chw(np.where(valid[..., None], normals, 0.0))
             else:
-                planes = value.astype(np.float32)
+                maps = value.astype(np.float32)
                 if domain == "reshading":
-                    planes = planes[..., :3].mean(axis=-1) / 255.0
+                    maps = maps[..., :3].mean(axis=-1) / 255.0
                 elif domain == "principal_curvature":
-                    planes = planes[..., :2] / 255.0
-                labels[key] = chw((planes - np.array(shift, np.float32)) / np.array(scale, np.float32))
-        return image, labels
+                    maps = maps[..., :2] / 255.0
+                labels[key] = chw((maps - np.array(shift, np.float32)) / np.array(scale, np.float32))
+        return labels
 
 
 @DATASETS.register("taskonomy")
