@@ -51,7 +51,8 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0: any free port)")
     p.add_argument("--max-batch", type=int, default=8, help="most rows merged into one inference (default: 8)")
     p.add_argument("--max-queue-delay-us", type=int, default=0,
-                   help="how long a request may wait for others to fill a batch (default: 0, batch what is queued)")
+                   help="how long a batch that is not full may wait for requests already arriving (never for "
+                        "requests not yet sent: a lone request starts at once; default: 0, batch what is queued)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per process (default: CPUs/workers)")
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024,

@@ -49,6 +49,7 @@ class OrtBackend:
         precision: str = "fp32",
         providers: Sequence[ProviderSpec] | None = None,
         threads: int | None = None,
+        spin_wait: bool = True,
     ) -> None:
         requested = list(providers) if providers else list(DEFAULT_PROVIDERS)
         check_int8_cpu(bundle.manifest, precision, [_provider_name(s) for s in requested])
@@ -67,6 +68,8 @@ class OrtBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
+        if not spin_wait:  # idle intra-op threads sleep rather than spin (see predictor.load)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         name = graph_file(bundle.manifest, precision)
         graph = bundle.graph(name, input_spec=input_spec(bundle.manifest, precision))
         if graph.external:

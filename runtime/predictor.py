@@ -166,6 +166,7 @@ def load(
     provider: str | None = None,
     providers: Sequence[Any] | None = None,
     threads: int | None = None,
+    spin_wait: bool = True,
 ) -> Predictor:
     """Verify ``bundle`` (its manifest's hash, the sha256 of every file, the graph against the
     manifest) and open it with ``backend``, which runs exactly the bytes that were verified.
@@ -174,7 +175,9 @@ def load(
     fp32) picks the graph. ``provider`` (onnxruntime only: "auto" (default), "cpu", "cuda",
     "tensorrt") picks the execution providers, and ``providers`` lists them explicitly instead;
     a provider asked for by name that cannot start raises BackendUnavailable. ``threads`` sets the
-    intra-op thread count (default: every CPU this process may use).
+    intra-op thread count (default: every CPU this process may use). ``spin_wait=False`` (onnxruntime
+    only) lets idle intra-op threads sleep instead of spinning for work: for a process whose cores
+    also run other threads, such as ``taskfold serve``'s event loop, which spinning threads starve.
     """
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; available: {', '.join(sorted(BACKENDS))}")
@@ -187,7 +190,10 @@ def load(
         providers = providers if providers is not None else execution_providers(provider or "auto")
     elif provider is not None:
         raise BackendUnavailable(f"provider= applies to the onnxruntime backend, not {backend!r}")
-    runner = BACKENDS[backend](verified, precision=chosen, providers=providers, threads=threads)
+    if not spin_wait and backend != "onnxruntime":
+        raise BackendUnavailable(f"spin_wait= applies to the onnxruntime backend, not {backend!r}")
+    options = {"spin_wait": spin_wait} if backend == "onnxruntime" else {}
+    runner = BACKENDS[backend](verified, precision=chosen, providers=providers, threads=threads, **options)
     verified.verify_rest()  # the files the backend did not read (other variants, an engine)
     name, spec = graph_file(manifest, chosen), input_spec(manifest, chosen)
     # Task subsets prune this graph, read again through the bundle (its hash checked once more).

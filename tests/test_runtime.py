@@ -373,3 +373,19 @@ def test_cli_predict_runs_only_the_asked_tasks(built: tuple[Path, TwoTasks], tmp
         np.testing.assert_allclose(saved["scene"], load(built[0])(images)["scene"], rtol=0, atol=1e-6)
     proc = run_cli("predict", str(built[0]), str(tmp_path / "images.npy"), "--tasks", "seg,depth", "--overwrite")
     assert_user_error(proc, "unknown task(s) 'depth'")
+
+
+def test_spin_wait_off_reaches_every_session_and_changes_no_output(built: tuple[Path, TwoTasks]) -> None:
+    folder, _ = built
+    images = _images(2)
+    quiet = load(folder, threads=2, spin_wait=False)
+    key = "session.intra_op.allow_spinning"
+    for session in (quiet._backend.session, quiet._backend_for(["scene_logits"]).session):  # task subsets too
+        assert session.get_session_options().get_session_config_entry(key) == "0"
+    spinning = load(folder, threads=2)
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spin
+        spinning._backend.session.get_session_options().get_session_config_entry(key)
+    for name, value in spinning(images).items():
+        np.testing.assert_allclose(quiet(images)[name], value, rtol=0, atol=1e-6)
+    with pytest.raises(BackendUnavailable, match="spin_wait= applies to the onnxruntime backend"):
+        load(folder, backend="torch", spin_wait=False)

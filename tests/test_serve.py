@@ -225,6 +225,33 @@ def test_32_concurrent_clients_each_get_their_own_answer_and_batches_form(server
     assert '"POST /v2/models/demo/infer HTTP/1.1" 200' in log.read_text()  # the access log
 
 
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the demo model in a /metrics text."""
+    want = [f'{key}="{value}"' for key, value in {"model": "demo", **labels}.items()]
+    line = next(line for line in text.splitlines() if line.startswith(name + "{") and all(w in line for w in want))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_a_lone_request_does_not_wait_out_the_queue_delay(server):
+    """The server runs with --max-queue-delay-us 2000; one client sending one request at a time
+    has nobody to wait for, so each batch starts because nothing else is arriving."""
+    url, _ = server
+    reasons = ("full", "none_arriving", "max_delay")
+
+    def dispatches() -> dict[str, float]:
+        text = _request(f"{url}/metrics")[1].decode()
+        return {r: _metric(text, "taskfold_batch_dispatch_total", reason=r) for r in reasons}
+
+    before = dispatches()
+    client = _client(url)
+    for seed in range(5):
+        tensor = http.InferInput("image", [1, 3, 64, 64], "FP32")
+        tensor.set_data_from_numpy(_images(1, seed=seed))
+        client.infer("demo", [tensor])
+    after = dispatches()
+    assert {r: after[r] - before[r] for r in reasons} == {"full": 0, "none_arriving": 5, "max_delay": 0}
+
+
 def test_sigterm_drains_and_exits_0(demo_bundle: Path, tmp_path: Path):
     proc, url = _start(demo_bundle, tmp_path / "log")
     images = _images(32, seed=3)

@@ -4,12 +4,16 @@ Output names are the graph's outputs (the manifest's ``tasks[].output``); a requ
 some of them runs the predictor with ``tasks=`` those tasks, i.e. a pruned graph computing only
 them. Requests for different output sets are batched separately (merging them would make every
 request pay for the union). Each model has one executor thread: one ONNX Runtime call at a
-time, which uses every intra-op thread, while the next batch forms on the event loop.
+time, which uses every intra-op thread, while the next batch forms on the event loop. The model
+counts the requests it is receiving (read, decoded, not yet queued): its batchers wait for
+those, and only those, to fill a batch.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -38,6 +42,7 @@ class ServedModel:
         self._max_batch, self._max_delay_s = max_batch, max_delay_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.name}")
         self._batchers: dict[tuple[str, ...] | None, DynamicBatcher] = {}
+        self._arriving = 0
 
     def metadata(self) -> dict[str, Any]:
         """The v2 model metadata: inputs and outputs with name, datatype and shape (-1 = any)."""
@@ -78,17 +83,34 @@ class ServedModel:
                                 f"it has {', '.join(self.output_tasks)}")
         return images, tuple(self.output_tasks[name] for name in request.outputs)
 
-    async def infer(self, images: np.ndarray, tasks: tuple[str, ...] | None) -> dict[str, np.ndarray]:
-        """``{output name: array}`` for ``images``, batched with concurrent requests for the same tasks."""
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Counts a request from "received" until it is enqueued (or refused): a batch that is not
+        full waits for such requests (up to the queue delay), never for requests not yet sent."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            for batcher in self._batchers.values():
+                batcher.wake()
+
+    def enqueue(self, images: np.ndarray, tasks: tuple[str, ...] | None) -> asyncio.Future:
+        """Queue ``images`` with concurrent requests for the same tasks; the future gets
+        ``{task name: array}`` for them (:meth:`outputs` names them by output)."""
         key = None if tasks is None or len(tasks) == len(self.output_tasks) else tuple(sorted(tasks))
         batcher = self._batchers.get(key)
         if batcher is None:
             run_tasks = None if key is None else list(key)
-            batcher = DynamicBatcher(lambda x: self.predictor(x, tasks=run_tasks), self._executor,
+            # prepare() refused non-finite inputs already; the predictor need not scan them again.
+            batcher = DynamicBatcher(lambda x: self.predictor(x, tasks=run_tasks, allow_nonfinite=True), self._executor,
                                      max_batch=self._max_batch, max_delay_s=self._max_delay_s,
-                                     on_batch=self.metrics.executed)
+                                     arriving=lambda: self._arriving > 0, on_batch=self.metrics.executed)
             self._batchers[key] = batcher
-        by_task = await batcher.submit(images)
+        return batcher.enqueue(images)
+
+    def outputs(self, by_task: dict[str, np.ndarray], tasks: tuple[str, ...] | None) -> dict[str, np.ndarray]:
+        """``{output name: array}`` in the order asked (every output when ``tasks`` is None)."""
         return {self._task_outputs[name]: by_task[name] for name in tasks or self._task_outputs}
 
     def warm_up(self) -> None:

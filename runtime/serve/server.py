@@ -16,6 +16,7 @@ import functools
 import math
 import signal
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -25,6 +26,11 @@ from taskfold.runtime.predictor import load
 from taskfold.runtime.serve.models import ServedModel
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# The event loop thread holds the GIL while it serves; the ONNX Runtime thread needs it for the
+# Python around each call. At CPython's default switch interval (5 ms) it can wait that long for
+# it, every call: 3-6 ms idle between calls under 32 clients (BENCHMARKS.md, serving). 0.2 ms
+# bounds that wait; the loop thread pays a few more GIL hand-overs.
+GIL_SWITCH_INTERVAL_S = 2e-4
 
 
 class ServeError(ValueError):
@@ -68,9 +74,14 @@ class ServeOptions:
 
 
 def load_models(options: ServeOptions) -> list[ServedModel]:
-    """Every bundle loaded (sha256-checked), checked for unique names, and run once."""
-    models = [ServedModel(load(bundle, threads=options.intra_op_threads), max_batch=options.max_batch,
-                          max_delay_s=options.max_queue_delay_us / 1e6) for bundle in options.bundles]
+    """Every bundle loaded (sha256-checked), checked for unique names, and run once.
+
+    ONNX Runtime's idle intra-op threads sleep instead of spinning: they share the cores with the
+    event loop, and spinning ones starved it (BENCHMARKS.md, serving: 2 threads on 2 cores).
+    """
+    models = [ServedModel(load(bundle, threads=options.intra_op_threads, spin_wait=False),
+                          max_batch=options.max_batch, max_delay_s=options.max_queue_delay_us / 1e6)
+              for bundle in options.bundles]
     names = [model.name for model in models]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
@@ -89,6 +100,12 @@ def build_app(options: ServeOptions, models: list[ServedModel] | None = None) ->
                            max_body_bytes=options.max_body_bytes, request_timeout_s=options.request_timeout_s).app
 
 
+def _worker_app(options: ServeOptions) -> Any:
+    """The app of one worker process (``--workers N``), with the GIL switch interval :func:`serve` sets."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    return build_app(options)
+
+
 def serve(options: ServeOptions, *, on_listening: Callable[[str, list[str]], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return. ``on_listening(url, model names)`` is
     called once the socket is bound (with ``port=0``, the url holds the port the system chose)."""
@@ -102,7 +119,7 @@ def serve(options: ServeOptions, *, on_listening: Callable[[str, list[str]], Non
     if options.workers == 1:
         app, factory = build_app(options, models), False
     else:  # each worker loads its own copy; this process only supervises
-        app, factory = functools.partial(build_app, options), True
+        app, factory = functools.partial(_worker_app, options), True
     config = uvicorn.Config(app, factory=factory, workers=options.workers, log_level=options.log_level,
                             log_config=_log_config(options.log_level), access_log=False, lifespan="on",
                             timeout_graceful_shutdown=math.ceil(options.request_timeout_s) + 1)
@@ -111,12 +128,17 @@ def serve(options: ServeOptions, *, on_listening: Callable[[str, list[str]], Non
         on_listening(f"http://{f'[{host}]' if ':' in host else host}:{port}", [model.name for model in models])
     if options.workers > 1:
         del models
-    with _drain_on_signals():
-        if options.workers == 1:
-            uvicorn.Server(config).run(sockets=[sock])
-        else:
-            Multiprocess(config, sockets=[sock]).run()
-    sock.close()
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    try:
+        with _drain_on_signals():
+            if options.workers == 1:
+                uvicorn.Server(config).run(sockets=[sock])
+            else:
+                Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sys.setswitchinterval(switch_interval)
+        sock.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:
