@@ -93,10 +93,7 @@ def average_gradients(params, rows: int) -> None:
     if not grads:
         return
     device = grads[0].device
-    flat = torch.cat([g.detach().reshape(-1).to(device, torch.float32) for g in grads]
-                     + [torch.tensor([1.0], device=device)]) * rows
-    dist.all_reduce(flat)
-    flat = flat[:-1] / flat[-1]
+    flat = average_rows(torch.cat([g.detach().reshape(-1).to(device, torch.float32) for g in grads]), rows)
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -104,10 +101,11 @@ def average_gradients(params, rows: int) -> None:
 
 
 def average_rows(values: torch.Tensor, rows: int) -> torch.Tensor:
-    """The row-weighted mean over ranks of per-rank means ``values`` (the global batch's mean)."""
+    """The row-weighted mean over ranks of per-rank means ``values`` (the global batch's mean), in
+    ``values``' dtype and one all-reduce (the rows travel as the last element)."""
     if not active():
         return values
-    packed = torch.cat([values.reshape(-1).double() * rows, values.new_tensor([rows], dtype=torch.float64)])
+    packed = torch.cat([values.reshape(-1) * rows, values.new_tensor([rows])])
     dist.all_reduce(packed)
     return (packed[:-1] / packed[-1]).view_as(values)
 
