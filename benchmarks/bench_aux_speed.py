@@ -28,7 +28,7 @@ from common import paired_medians  # noqa: E402
 
 from taskfold.compiler.bundle import write_bundle  # noqa: E402
 from taskfold.compiler.export import export_onnx  # noqa: E402
-from taskfold.compiler.strip_aux import strip_aux  # noqa: E402
+from taskfold.compiler.strip import strip  # noqa: E402
 from taskfold.models.arch import ArchSpec, TaskHead  # noqa: E402
 from taskfold.models.nets import build_network  # noqa: E402
 from taskfold.runtime import load  # noqa: E402
@@ -63,7 +63,7 @@ def bundle(model, out: Path, name: str, size: int, outputs: list[str]):
 def inference(args, tmp: Path) -> list[dict]:
     full = converged(build_network(spec("aux_nas", [SEG, NORMALS], args)))
     x = torch.randn(2, 3, args.size, args.size)
-    stripped = strip_aux(full, spec("aux_nas", [SEG, NORMALS], args), reference_inputs=x).model
+    stripped = strip(full, reference_inputs=x).model
     single = build_network(spec("single", [SEG], args)).eval()
     stripped_p = load(bundle(stripped, tmp, "stripped", args.size, ["seg"]), threads=args.threads)
     single_p = load(bundle(single, tmp, "single", args.size, ["seg"]), threads=args.threads)

@@ -23,8 +23,7 @@ from taskfold.compiler.accuracy import resolve_limits
 from taskfold.compiler.staging import check_bundle_target, staged_bundle
 from taskfold.compiler.tensorrt import build_engine_into, tensorrt_unavailable_reason
 from taskfold.compiler.torch_trt import compile_torch_tensorrt, torch_tensorrt_unavailable_reason
-from taskfold.compiler.strip import STRIPPERS
-from taskfold.compiler import strip_aux, strip_branch, strip_group  # noqa: F401  (register the method strippers)
+from taskfold.compiler.strip import strip
 from taskfold.models.nets import build_network
 from taskfold.trainer.config import CompileConfig, Config, config_from_dict
 from taskfold.trainer.data import create_dataset
@@ -143,9 +142,8 @@ def _compile_locked(run: RunDir, out: Path, *, force: bool, overwrite: bool, set
     data = precision_data(cfg, options.calib_images) if plan.wanted else None
     if data is not None:
         resolve_limits(plan.max_drops, data.tasks)  # a misspelt task or metric fails now, not after export
-    stripper = STRIPPERS.get(spec.method)
     parity_inputs = held_out_images(cfg, cfg.compile.parity_samples)
-    result = stripper(model, spec, force=force, reference_inputs=parity_inputs)
+    result = strip(model, force=force, reference_inputs=parity_inputs)
     by_name = {t.name: t for t in spec.tasks}
     tasks = [{"name": n, "kind": by_name[n].kind, "channels": by_name[n].out_channels,
               "output_kind": by_name[n].output,

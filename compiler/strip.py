@@ -1,8 +1,12 @@
-"""What each method keeps at inference: ``STRIPPERS[method](model, spec, *, force, reference_inputs) -> StripResult``.
+"""What inference keeps of a trained network, for every method alike:
+``strip(model, *, force, reference_inputs) -> StripResult``.
 
-``single`` and ``shared`` keep the network as trained. Methods with searched parts register a
-stripper that removes what inference does not need (auxiliary branches, pruned heads, unused
-branches) and says what it removed, for the manifest.
+The network says what inference keeps (``inference_network()``) and what that dropped
+(``inference_summary``, see models/nets/base.py); this module adds what holds for every network:
+a network that cannot be exported, or whose cut is unsafe without ``force``, is refused in one
+line, and where something was cut, the drift — the largest difference between the training
+network and what inference keeps, over the kept outputs on held-out images — is measured and
+recorded as ``strip_drift_max_abs``.
 """
 from __future__ import annotations
 
@@ -11,10 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from taskfold.models.arch import ArchSpec
-from taskfold.models.registry import Registry
-
-STRIPPERS: Registry = Registry("compiler stripper")
+from taskfold.compiler.errors import CompileError
+from taskfold.models.errors import ModelError
 
 
 @dataclass
@@ -24,18 +26,20 @@ class StripResult:
     info: dict = field(default_factory=dict)  # goes into manifest["compile"]
 
 
-def inference_drift(model: nn.Module, kept: nn.Module, reference_inputs: torch.Tensor, outputs: list[str]) -> float:
-    """The largest difference, over ``outputs`` on held-out images, between the training network
-    and what inference keeps of it (``model.inference_network()``), both in eval mode: how much
-    cutting changed the answers (recorded in the manifest)."""
+def strip(model: nn.Module, *, force: bool = False, reference_inputs: torch.Tensor) -> StripResult:
+    """The network to export from ``model`` (a MultiTaskNetwork: its ``inference_network()``), the
+    task names it answers and what the manifest records about the cut; ``force`` cuts even where
+    the network's own check advises against it (the summary then says so)."""
+    try:
+        kept = model.inference_network()
+        info = model.inference_summary(kept, reference_inputs, force=force)
+    except ModelError as exc:
+        raise CompileError(str(exc)) from None
     model.eval()
     kept.eval()
     with torch.no_grad():
-        full, small = model(reference_inputs), kept(reference_inputs)
-    return max(float((full[name] - small[name]).abs().max()) for name in outputs)
-
-
-@STRIPPERS.register("single")
-@STRIPPERS.register("shared")
-def keep_all(model: nn.Module, spec: ArchSpec, *, force: bool = False, **_: object) -> StripResult:
-    return StripResult(model=model, outputs=spec.task_names, info={"stripped": []})
+        small = kept(reference_inputs)
+        if kept is not model:
+            full = model(reference_inputs)
+            info["strip_drift_max_abs"] = max(float((full[name] - small[name]).abs().max()) for name in small)
+    return StripResult(model=kept, outputs=list(small), info=info)

@@ -11,7 +11,7 @@ import torch
 from cli_runner import assert_main_user_error, run_cli
 from taskfold.compiler.bundle import write_bundle
 from taskfold.compiler.errors import CompileError
-from taskfold.compiler.strip_aux import strip_aux
+from taskfold.compiler.strip import strip
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.nets import build_network
 
@@ -47,7 +47,7 @@ def converged_aux_nas(tasks) -> torch.nn.Module:
 @pytest.mark.parametrize("tasks", [[SEG, NORMALS], [SEG, NORMALS, DEPTH]], ids=["K=1", "K=2"])
 def test_stripped_bundle_costs_single_task_cost(tasks, tmp_path):
     model = converged_aux_nas(tasks)
-    result = strip_aux(model, spec("aux_nas", tasks), reference_inputs=torch.randn(4, 3, SIZE, SIZE))
+    result = strip(model, reference_inputs=torch.randn(4, 3, SIZE, SIZE))
     stripped = bundle_of(result.model, tmp_path, "stripped", result.outputs)
     single = bundle_of(build_network(spec("single", [SEG])).eval(), tmp_path, "single", ["seg"])
     assert result.outputs == ["seg"]
@@ -63,16 +63,17 @@ def test_refuses_above_threshold_unless_forced():
     model = build_network(spec("aux_nas", tasks)).eval()  # alpha^P = 0.5 at initialisation
     x = torch.randn(2, 3, SIZE, SIZE)
     with pytest.raises(CompileError, match=r"max alpha\^P = 0.5 exceeds strip_threshold 0.01"):
-        strip_aux(model, spec("aux_nas", tasks), reference_inputs=x)
-    forced = strip_aux(model, spec("aux_nas", tasks), reference_inputs=x, force=True)
+        strip(model, reference_inputs=x)
+    forced = strip(model, reference_inputs=x, force=True)
     assert forced.info["strip_forced"] is True and forced.info["max_alpha_aux_to_primary"] == pytest.approx(0.5)
-
-
-def test_run_of_another_method_is_refused():
-    model = build_network(spec("shared", [SEG, NORMALS])).eval()
-    with pytest.raises(CompileError, match="trained with method 'shared'"):
-        strip_aux(model, spec("shared", [SEG, NORMALS]), reference_inputs=torch.randn(1, 3, SIZE, SIZE))
-
+    assert forced.info["strip_drift_max_abs"] == 0  # fusion convs start at zero: cutting them changes nothing yet
+    with torch.no_grad():
+        for op in model.fusions.values():
+            torch.nn.init.normal_(op.conv.weight, std=0.1)
+    assert strip(model, reference_inputs=x, force=True).info["strip_drift_max_abs"] > 1e-3  # now it does
+    lenient = build_network(spec("aux_nas", tasks, strip_threshold=0.6)).eval()  # the run's own threshold
+    kept = strip(lenient, reference_inputs=x)
+    assert kept.info["strip_threshold"] == 0.6 and kept.info["strip_forced"] is False and kept.outputs == ["seg"]
 
 
 @pytest.mark.slow

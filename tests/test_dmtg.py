@@ -11,7 +11,7 @@ from torch import nn
 
 from cli_runner import assert_main_user_error
 from taskfold.compiler.bundle import write_bundle
-from taskfold.compiler.strip_group import strip_group
+from taskfold.compiler.strip import strip
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.nets import build_network
 from taskfold.runtime import load
@@ -127,16 +127,16 @@ def test_a_fixed_grouping_runs_only_the_chosen_heads_even_with_hard_sampling():
 
 
 def test_read_off_groups_vanish_and_pruned_bundle_matches(tmp_path):
-    spec, model = group_net()
+    _, model = group_net()
     with torch.no_grad():  # tasks 0,1 -> group 2; tasks 2,3,4 -> group 0; group 1 empty
         model.group_logits.copy_(torch.tensor([[0, 0, 5.0], [0, 0, 5.0], [5.0, 0, 0], [5.0, 0, 0], [5.0, 0, 0]]))
     model.train()
     with torch.no_grad():
         model(torch.randn(8, 3, SIZE, SIZE))  # non-trivial BN statistics
     x = torch.randn(4, 3, SIZE, SIZE)
-    result = strip_group(model, spec, reference_inputs=x)
+    result = strip(model, reference_inputs=x)
     assert result.info["groups"] == {"0": ["t2", "t3", "t4"], "2": ["t0", "t1"]}
-    assert result.info["prune_drift_max_abs"] < 1e-5
+    assert result.info["strip_drift_max_abs"] < 1e-5
     tasks = [{"name": t.name, "kind": t.kind} for t in TASKS]
     bundle = write_bundle(tmp_path / "b", model=result.model, name="g", method="dmtg",
                           input_shape=(1, 3, SIZE, SIZE), mean=[0] * 3, std=[1] * 3, tasks=tasks, parity_inputs=x)

@@ -1,7 +1,8 @@
 """Every registered method, end to end through the registries (timm style): build its network,
-one weight step and one architecture step, read the decision off, round-trip arch.json, strip,
-export and check ONNX Runtime against PyTorch. A method registered without a network, a
-stripper or a case here fails."""
+one weight step and one architecture step, read the decision off, round-trip arch.json, strip
+(the one generic path, compiler/strip.py, through the network contract of models/nets/base.py),
+export and check ONNX Runtime against PyTorch. A method registered without a network or a case
+here fails, and so does a network that does not keep the contract."""
 from __future__ import annotations
 
 import json
@@ -10,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import taskfold.compiler.compile_run  # noqa: F401  (registers every stripper)
 from taskfold.compiler.bundle import write_bundle
 from taskfold.compiler.errors import CompileError
-from taskfold.compiler.strip import STRIPPERS
+from taskfold.compiler.strip import strip
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.nets import NETWORKS, build_network
 from taskfold.models.nets.base import MultiTaskNetwork, SearchableNetwork
@@ -36,10 +36,9 @@ CASES = {      # the options each method needs for a two-task resnet10 run; prim
 }
 
 
-def test_method_network_and_stripper_registries_agree():
+def test_method_and_network_registries_agree():
     methods = set(METHODS.names())
     assert methods == set(NETWORKS.names()), "every method needs a network (models/nets) and nothing else"
-    assert methods == set(STRIPPERS.names()), "every method needs a stripper (compiler/strip*.py)"
     assert methods == set(CASES), "every method needs a case in this test"
 
 
@@ -98,13 +97,14 @@ def test_method_trains_reads_off_round_trips_strips_and_exports(name, batch, tmp
         torch.testing.assert_close(got[task], expected[task], rtol=0, atol=0)
 
     # strip what inference does not need, export, and compare ONNX Runtime with PyTorch
-    stripper = STRIPPERS.get(name)
     if name == "bmtas":  # a supergraph is never compiled: its follow-up retrain is (case bmtas_retrain)
         with pytest.raises(CompileError, match="retrain"):
-            stripper(rebuilt, loaded, force=True, reference_inputs=images)
+            strip(rebuilt, force=True, reference_inputs=images)
         return
-    result = stripper(rebuilt, loaded, force=True, reference_inputs=images)
+    result = strip(rebuilt, force=True, reference_inputs=images)
     assert result.outputs and set(result.outputs) <= set(TASKS)
+    assert isinstance(result.info["stripped"], list)
+    assert ("strip_drift_max_abs" in result.info) == (result.model is not rebuilt)  # measured whenever cut
     bundle = write_bundle(tmp_path / "bundle", model=result.model, name=name, method=name,
                           input_shape=(1, 3, SIZE, SIZE), mean=[0.0] * 3, std=[1.0] * 3,
                           tasks=[{"name": n, "kind": TASKS[n][0]} for n in result.outputs], parity_inputs=images)

@@ -212,8 +212,7 @@ def write_report(run: RunDir, *, summary: dict, manifest: dict | None = None,
         if compile_info.get("stripped"):
             lines += ["Removed for inference: " + "; ".join(compile_info["stripped"]) + ".", ""]
         for key, label in (("max_alpha_aux_to_primary", "largest alpha^P (auxiliary → primary)"),
-                           ("strip_drift_max_abs", "output drift, stripped vs full training network"),
-                           ("prune_drift_max_abs", "output drift, pruned vs full network")):
+                           ("strip_drift_max_abs", "output drift, inference network vs full training network")):
             if key in compile_info:
                 lines.append(f"- {label}: {compile_info[key]:.3g}")
         lines += ["", *precision_section(manifest)]

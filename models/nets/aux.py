@@ -57,7 +57,8 @@ class AuxNet(nn.Module):
         by_name = {t.name: t for t in spec.tasks}
         self.task_order = spec.primary + [t.name for t in spec.tasks if t.name != spec.primary[0]]
         self.method = spec.method
-        opts = network_options(AuxNetOptions, spec.options)
+        self.options = network_options(AuxNetOptions, spec.options)
+        opts = self.options
         self.window = opts.window
         self.branches = nn.ModuleList([
             create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights, **spec.backbone_options)
@@ -136,6 +137,24 @@ class AuxNet(nn.Module):
         norms = {int(key.split("_")[1]): op.without_inputs() for key, op in self.fusions.items()
                  if key.startswith(f"b{PRIMARY}_")}
         return StrippedPrimary(self.branches[PRIMARY], norms, self.heads[PRIMARY], self.task_order[0])
+
+    def inference_summary(self, kept: nn.Module, images: torch.Tensor, *, force: bool) -> dict:
+        """What the cut removed, and why it is safe: the largest alpha^P must be at most the
+        options' ``strip_threshold`` (else the primary still reads auxiliary features and cutting
+        them changes its answers), unless ``force``."""
+        with torch.no_grad():
+            alpha_p = self.alpha_values("P")
+        max_alpha_p = float(alpha_p.max()) if alpha_p.numel() else 0.0
+        threshold = self.options.strip_threshold
+        if max_alpha_p > threshold and not force:
+            raise ModelError(f"max alpha^P = {max_alpha_p:.3g} exceeds strip_threshold {threshold:g}: the primary "
+                             "task still uses auxiliary features (train longer or raise lambda_max, or pass --force)")
+        primary_convs = sum(1 for key in self.fusions if key.startswith(f"b{PRIMARY}_"))
+        removed = [f"auxiliary branch {name} (backbone + head)" for name in self.task_order[1:]]
+        removed += [f"{len(self.fusions) - primary_convs} auxiliary fusion ops",
+                    f"{primary_convs} primary fusion 1x1 convs"]
+        return {"stripped": removed, "max_alpha_aux_to_primary": max_alpha_p, "strip_threshold": threshold,
+                "strip_forced": max_alpha_p > threshold}
 
 
 class StrippedPrimary(nn.Module):

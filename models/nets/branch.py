@@ -42,6 +42,8 @@ from taskfold.models.nets.shared import build_heads
 from taskfold.models.nets.tree import Tree, derive_tree
 
 _MACS_CACHE: dict[tuple, list[int]] = {}
+NOT_FOR_INFERENCE = ("this is a bmtas search run (a supergraph); compile the retrained run in RUN/retrain "
+                     "(`taskfold run` trains it there)")
 
 
 def count_macs(module: nn.Module, *inputs: Tensor) -> int:
@@ -169,9 +171,13 @@ class BranchNet(nn.Module):
         return list(self.stem.parameters())
 
     def inference_network(self) -> nn.Module:
-        """A supergraph is never exported: its method retrains the derived tree (``bmtas_retrain``)."""
-        raise ModelError("a BMTAS search supergraph is not an inference network: compile the retrain stage "
-                         "(RUN/retrain), which trains the derived tree")
+        """A supergraph is never exported: its weights were trained for soft routings and without
+        the output BatchNorms' affine parameters, so its derived tree is not the model the method
+        delivers; the retrained tree (``bmtas_retrain``) is."""
+        raise ModelError(NOT_FOR_INFERENCE)
+
+    def inference_summary(self, kept: nn.Module, images: Tensor, *, force: bool) -> dict:
+        raise ModelError(NOT_FOR_INFERENCE)
 
     def routing(self) -> list[list[int]]:
         """``routing[t][l]``: the copy task t takes at layer l under argmax (the derived architecture)."""

@@ -18,9 +18,11 @@ from torch import Tensor, nn
 from taskfold.models.arch import ArchSpec
 from taskfold.models.backbones import create_backbone
 from taskfold.models.errors import ModelError
+from taskfold.models.modes import eval_mode
+from taskfold.models.nets.branch import count_macs
 from taskfold.models.nets.registry import NETWORKS, network_options
-from taskfold.models.weights import sub_state
 from taskfold.models.nets.shared import build_heads
+from taskfold.models.weights import sub_state
 from taskfold.models.nets.tree import Tree, check_tree, parent_index
 
 
@@ -54,6 +56,10 @@ class BranchedNet(nn.Module):
     def inference_network(self) -> nn.Module:
         """Inference keeps the derived tree as trained."""
         return self
+
+    def inference_summary(self, kept: nn.Module, images: Tensor, *, force: bool) -> dict:
+        """Nothing is cut (each node already runs once); the tree and its MAdds per layer, node and task."""
+        return {"stripped": [], "tree": self.tree, **macs_breakdown(self, images[:1])}
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The stem and every node that all tasks share (what gradient weighting strategies see)."""
@@ -106,6 +112,41 @@ class BranchedNet(nn.Module):
             for key, value in mapped.items():
                 own[key].copy_(value)
         return len(mapped)
+
+
+def _captured_inputs(model: nn.Module, modules: dict[str, nn.Module], image: Tensor) -> dict[str, tuple]:
+    """The positional inputs each named submodule receives in one forward pass."""
+    seen: dict[str, tuple] = {}
+    handles = [m.register_forward_pre_hook(lambda _m, args, _k=key: seen.__setitem__(_k, args))
+               for key, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def macs_breakdown(model: BranchedNet, image: Tensor) -> dict:
+    """MAdds of the stem, every node (by layer) and every head on one ``image`` (each module counted
+    on the input it really receives), and what each task depends on."""
+    modules: dict[str, nn.Module] = {"stem": model.stem, **{f"node:{k}": m for k, m in model.nodes.items()},
+                                     **{f"head:{k}": m for k, m in model.heads.items()}}
+    with eval_mode(model):
+        inputs = _captured_inputs(model, modules, image)
+    macs = {key: count_macs(modules[key], *inputs[key]) for key in modules}
+    per_layer = [sum(macs[f"node:{node_key(layer, g)}"] for g in range(len(grouping)))
+                 for layer, grouping in enumerate(model.tree)]
+    per_task = {}
+    for name in model.task_names:
+        path = [node_key(layer, g) for layer, grouping in enumerate(model.tree)
+                for g, group in enumerate(grouping) if name in group]
+        per_task[name] = macs["stem"] + sum(macs[f"node:{k}"] for k in path) + macs[f"head:{name}"]
+    return {"stem_macs": macs["stem"], "macs_per_layer": per_layer,
+            "macs_per_node": {k: macs[f"node:{k}"] for k in model.nodes},
+            "head_macs": {name: macs[f"head:{name}"] for name in model.task_names},
+            "macs_per_task": per_task, "macs_total": sum(macs.values())}
 
 
 NETWORKS.register("bmtas_retrain")(

@@ -204,6 +204,13 @@ class GroupNet(nn.Module):
         branches = {k: copy.deepcopy(self.branches[k]) for k in sorted(set(groups))}
         return PrunedGroupNet(copy.deepcopy(self.stem), branches, heads, dict(zip([t.name for t in self.tasks], groups)))
 
+    def inference_summary(self, kept: nn.Module, images: Tensor, *, force: bool) -> dict:
+        """The heads and branches pruning dropped, and the groups that stayed."""
+        chosen = sorted(set(kept.assignment.values()))
+        n, k = len(self.tasks), self.num_groups
+        return {"stripped": [f"{k * n - n} unselected heads", f"{k - len(chosen)} empty group branches"],
+                "groups": {str(g): [t for t, a in kept.assignment.items() if a == g] for g in chosen}}
+
 
 class PrunedGroupNet(nn.Module):
     """Stem, the branches some task chose, one head per task: one graph, N outputs."""

@@ -8,6 +8,7 @@ from torch import nn
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.backbones import create_backbone
 from taskfold.models.layers.heads import create_head, default_head
+from taskfold.models.nets.base import KeptAsTrained
 from taskfold.models.nets.registry import NETWORKS
 
 
@@ -21,7 +22,7 @@ def build_heads(spec: ArchSpec, feature_info: list, tasks: list[TaskHead]) -> nn
     })
 
 
-class SharedNet(nn.Module):
+class SharedNet(KeptAsTrained, nn.Module):
     """One backbone whose block features feed every task's head.
 
     After a forward pass ``shared_features`` holds the block outputs the heads read (the shared
@@ -40,17 +41,13 @@ class SharedNet(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters())
 
-    def inference_network(self) -> nn.Module:
-        """Inference keeps the network as trained."""
-        return self
-
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone.forward_features(image)
         self.shared_features = [features[i] for i in self.read_indices]
         return {name: head(features) for name, head in self.heads.items()}
 
 
-class SingleTaskNets(nn.Module):
+class SingleTaskNets(KeptAsTrained, nn.Module):
     """Independent networks, one per task, trained side by side: nothing is shared, so summing the
     task losses gives each network exactly its own single-task gradient."""
 
@@ -63,10 +60,6 @@ class SingleTaskNets(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return []
-
-    def inference_network(self) -> nn.Module:
-        """Inference keeps the network as trained."""
-        return self
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
