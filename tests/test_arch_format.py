@@ -42,7 +42,7 @@ def test_a_format_1_arch_json_rebuilds_the_network_its_run_trained(method):
     built_new = build_network(new)
     assert _state_shapes(built_old) == _state_shapes(built_new)
     if method == "aux_nas":  # the recipe's own values, not the defaults, reach the network
-        assert built_old.window == 2
+        assert built_old.options.window == 2
         assert float(torch.sigmoid(built_old.alpha_logits["b0_1"][0].detach())) == pytest.approx(0.3)
     else:
         assert len(built_old.stem) == 2 and built_old.heads["cls"].num_layers == 2

@@ -16,7 +16,6 @@ from taskfold.compiler.compile_run import compile_run
 from taskfold.compiler.errors import CompileError
 from taskfold.models.arch import ArchSpec, TaskHead
 from taskfold.models.nets import build_network
-from taskfold.models.nets.branch import BranchNet
 from taskfold.models.nets.branched import node_key
 from taskfold.runtime import load
 from taskfold.runtime.flops import count_onnx
@@ -137,7 +136,7 @@ def test_bundle_macs_are_tree_nodes_plus_heads_and_onnx_matches(tmp_path: Path) 
     net.eval()
     x = torch.zeros(1, 3, SIZE, SIZE)
     stem_out = net.stem(x)
-    lut = BranchNet(make_spec("bmtas")).block_macs
+    lut = build_network(make_spec("bmtas")).block_macs
     expected = conv_macs_by_hooks(net.stem, lambda: net.stem(x))
     feats = [stem_out]
     for layer, grouping in enumerate(TREE):

@@ -5,6 +5,7 @@ export and check ONNX Runtime against PyTorch. A method registered without a net
 here fails, and so does a network that does not keep the contract."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -59,6 +60,8 @@ def test_method_trains_reads_off_round_trips_strips_and_exports(name, batch, tmp
     method = create_method({"name": name, **CASES[name]})
     model = method.build(spec, backbone_weights=None).train()
     assert isinstance(model, MultiTaskNetwork), "every network keeps the contract of models/nets/base.py"
+    defaults = [p.name for p in inspect.signature(type(model).__init__).parameters.values() if p.default is not p.empty]
+    assert not defaults, f"a network takes explicit, typed arguments with no defaults of its own: {defaults}"
     assert isinstance(model, SearchableNetwork) or method.arch_fraction == 0, "a searching method needs arch_parameters()"
     progress = Progress(0, 1, 1, 4)
     method.start_epoch(model, progress)

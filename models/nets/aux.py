@@ -18,18 +18,20 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from taskfold.models.arch import ArchSpec
-from taskfold.models.backbones import create_backbone
+from taskfold.models.backbones import Backbone
 from taskfold.models.errors import ModelError
 from taskfold.models.layers.fusion import FusionNorm, FusionOp
 from taskfold.models.nets.registry import NETWORKS, network_options
-from taskfold.models.nets.shared import build_heads
+from taskfold.models.nets.shared import build_heads, spec_backbone
 
-AUX_METHODS = ("aux_g_stage", "aux_g_layer", "aux_nas")
+AuxLayout = Literal["aux_g_stage", "aux_g_layer", "aux_nas"]  # the link layouts, one per Aux method
+AUX_METHODS: tuple[str, ...] = get_args(AuxLayout)
 PRIMARY = 0  # branch index of the primary task
 
 
@@ -48,49 +50,48 @@ def _logit(p: float) -> float:
 
 
 class AuxNet(nn.Module):
-    def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
+    """The training network of an Aux method: ``branches[b]`` and ``heads[b]`` answer task
+    ``task_order[b]`` (the primary first), joined by the fusion ops of the link ``layout``."""
+
+    def __init__(self, branches: list[Backbone], heads: list[nn.Module], task_order: list[str], layout: AuxLayout,
+                 options: AuxNetOptions) -> None:
         super().__init__()
-        if spec.method not in AUX_METHODS:
-            raise ModelError(f"AuxNet builds {', '.join(AUX_METHODS)}; got method {spec.method!r}")
-        if len(spec.primary) != 1 or len(spec.tasks) < 2:
-            raise ModelError("aux methods need `primary:` set to one task and at least one auxiliary task")
-        by_name = {t.name: t for t in spec.tasks}
-        self.task_order = spec.primary + [t.name for t in spec.tasks if t.name != spec.primary[0]]
-        self.method = spec.method
-        self.options = network_options(AuxNetOptions, spec.options)
-        opts = self.options
-        self.window = opts.window
-        self.branches = nn.ModuleList([
-            create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights, **spec.backbone_options)
-            for _ in self.task_order
-        ])
+        if layout not in AUX_METHODS:
+            raise ModelError(f"AuxNet builds {', '.join(AUX_METHODS)}; got method {layout!r}")
+        if not len(branches) == len(heads) == len(task_order) >= 2:
+            raise ModelError(f"AuxNet needs one branch and one head per task, primary and at least one auxiliary; "
+                             f"got {len(branches)} branches, {len(heads)} heads, {len(task_order)} tasks")
+        self.task_order = list(task_order)
+        self.layout = layout
+        self.options = options
+        self.branches = nn.ModuleList(branches)
         info = self.branches[0].feature_info
-        self.heads = nn.ModuleList([build_heads(spec, info, [by_name[name]])[name] for name in self.task_order])
+        self.heads = nn.ModuleList(heads)
         self.sources: dict[str, list[tuple[int, int]]] = {}
         self.fusions = nn.ModuleDict()
         self.alpha_logits = nn.ParameterDict()
-        init = {"P": _logit(opts.alpha_p_init), "A": _logit(opts.alpha_a_init)}
+        init = {"P": _logit(options.alpha_p_init), "A": _logit(options.alpha_a_init)}
         for dst, block, direction, srcs in self._links(self.branches[0].stages, len(info)):
             key = f"b{dst}_{block}"
             self.sources[key] = srcs
             self.fusions[key] = FusionOp(info[block].num_chs, [info[j].num_chs for _, j in srcs])
-            if self.method == "aux_nas":
+            if self.layout == "aux_nas":
                 self.alpha_logits[key] = nn.Parameter(torch.full((len(srcs),), init[direction]))
         self.cut_aux_to_primary = False  # True: alpha^P treated as exactly zero (what stripping assumes)
         self.shared_features: list[torch.Tensor] = []
 
     def _links(self, stages: list[list[int]], num_blocks: int):
         """Yield (dst branch, dst block, "P"|"A", [(src branch, src block), ...]) for every fusion op."""
-        if self.method == "aux_g_stage":
+        if self.layout == "aux_g_stage":
             targets = [stage[-1] for stage in stages]
         else:
             targets = list(range(num_blocks))
         aux = range(1, len(self.task_order))
         for block in targets:
-            window = list(range(max(0, block - self.window), block))
+            window = list(range(max(0, block - self.options.window), block))
             if not window:
                 continue
-            if self.method == "aux_nas":
+            if self.layout == "aux_nas":
                 yield PRIMARY, block, "P", [(k, j) for k in aux for j in window]
             for k in aux:
                 yield k, block, "A", [(PRIMARY, j) for j in window]
@@ -99,7 +100,7 @@ class AuxNet(nn.Module):
         return list(self.alpha_logits.values())
 
     def alphas(self, key: str) -> torch.Tensor:
-        if self.method != "aux_nas":
+        if self.layout != "aux_nas":
             return self.fusions[key].conv.weight.new_ones(len(self.sources[key]))
         alpha = torch.sigmoid(self.alpha_logits[key])
         if self.cut_aux_to_primary and key.startswith(f"b{PRIMARY}_"):
@@ -178,5 +179,19 @@ class StrippedPrimary(nn.Module):
         return {self.task: self.head(features)}
 
 
+def build_aux_net(spec: ArchSpec, *, backbone_weights: str | None = None) -> AuxNet:
+    """An AuxNet from ``spec``: the primary task first, then the others in task order, each with
+    its own freshly initialised backbone (or ``backbone_weights``) and head."""
+    if len(spec.primary) != 1 or len(spec.tasks) < 2:
+        raise ModelError("aux methods need `primary:` set to one task and at least one auxiliary task")
+    by_name = {t.name: t for t in spec.tasks}
+    task_order = spec.primary + [t.name for t in spec.tasks if t.name != spec.primary[0]]
+    branches = [spec_backbone(spec, backbone_weights) for _ in task_order]
+    info = branches[0].feature_info
+    heads = [build_heads(spec, info, [by_name[name]])[name] for name in task_order]
+    return AuxNet(branches, heads, task_order, spec.method, network_options(AuxNetOptions, spec.options))
+
+
 for _method in AUX_METHODS:
-    NETWORKS.register(_method)(lambda spec, *, backbone_weights=None: AuxNet(spec, backbone_weights=backbone_weights))
+    NETWORKS.register(_method)(build_aux_net)
+

@@ -34,11 +34,11 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from taskfold.models.arch import ArchSpec
-from taskfold.models.backbones import Backbone, create_backbone
+from taskfold.models.backbones import Backbone
 from taskfold.models.errors import ModelError
 from taskfold.models.modes import eval_mode
 from taskfold.models.nets.registry import NETWORKS
-from taskfold.models.nets.shared import build_heads
+from taskfold.models.nets.shared import build_heads, spec_backbone
 from taskfold.models.nets.tree import Tree, derive_tree
 
 _MACS_CACHE: dict[tuple, list[int]] = {}
@@ -133,17 +133,20 @@ def reset_bn_stats(model: nn.Module) -> None:
 class BranchNet(nn.Module):
     """The BMTAS supergraph: shared stem, T copies of every block, routing logits, one head per task."""
 
-    def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
+    def __init__(self, backbone: Backbone, heads: nn.ModuleDict, image_size: int, block_macs: list[int]) -> None:
+        """``heads``: one per task, in task order (they name the tasks); ``block_macs``: MAdds of
+        one copy of each block at ``image_size`` (:func:`block_macs_table`), the resource loss's table."""
         super().__init__()
-        backbone = create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights,
-                                   **spec.backbone_options).eval()  # probes below must not touch BN stats
-        self.task_names = spec.task_names
-        num_tasks, num_layers = len(spec.tasks), len(backbone.blocks)
-        self.block_macs = block_macs_table(backbone, spec.backbone, spec.backbone_options, spec.image_size)
-        self.stem_macs = count_macs(backbone.stem, torch.zeros(1, 3, spec.image_size, spec.image_size))
+        backbone.eval()  # the probes below must not touch BN stats
+        self.task_names = list(heads)
+        num_tasks, num_layers = len(self.task_names), len(backbone.blocks)
+        if len(block_macs) != num_layers:
+            raise ModelError(f"block_macs has {len(block_macs)} entries for {num_layers} blocks")
+        self.block_macs = list(block_macs)
+        self.stem_macs = count_macs(backbone.stem, torch.zeros(1, 3, image_size, image_size))
         self.stem = backbone.stem.train()
         with torch.no_grad():
-            x = backbone.stem(torch.zeros(2, 3, spec.image_size, spec.image_size))
+            x = backbone.stem(torch.zeros(2, 3, image_size, image_size))
         self.candidates = nn.ModuleList()
         for block in backbone.blocks:
             for bn in output_batchnorms(block, x):
@@ -151,7 +154,7 @@ class BranchNet(nn.Module):
             with torch.no_grad():
                 x = block.eval()(x)
             self.candidates.append(nn.ModuleList([copy.deepcopy(block).train() for _ in range(num_tasks)]))
-        self.heads = build_heads(spec, backbone.feature_info, spec.tasks)
+        self.heads = heads
         self.alpha = nn.Parameter(torch.zeros(num_layers, num_tasks, num_tasks))
         for module in self.modules():  # stats reset after every alpha phase: average since then
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -216,4 +219,9 @@ class BranchNet(nn.Module):
         return {name: head(features[t]) for t, (name, head) in enumerate(self.heads.items())}
 
 
-NETWORKS.register("bmtas")(lambda spec, *, backbone_weights=None: BranchNet(spec, backbone_weights=backbone_weights))
+@NETWORKS.register("bmtas")
+def build_branch_net(spec: ArchSpec, *, backbone_weights: str | None = None) -> BranchNet:
+    backbone = spec_backbone(spec, backbone_weights)
+    heads = build_heads(spec, backbone.feature_info, spec.tasks)
+    block_macs = block_macs_table(backbone, spec.backbone, spec.backbone_options, spec.image_size)
+    return BranchNet(backbone, heads, spec.image_size, block_macs)

@@ -1,6 +1,6 @@
 """BranchedNet (BMTAS retrain and inference): a branching tree that runs each node once.
 
-Built from a tree (see :mod:`taskfold.models.nets.tree`) in ``spec.options["tree"]``: the stem,
+Built from a tree (see :mod:`taskfold.models.nets.tree`), ``BranchedNetOptions.tree``: the stem,
 then for every layer one copy of the backbone block per group, fed by its parent group's output,
 and one head per task reading the outputs of the nodes on its path. A block shared by k tasks is
 computed once for all of them, then split; so the graph's MAdds are
@@ -16,14 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from taskfold.models.arch import ArchSpec
-from taskfold.models.backbones import create_backbone
+from taskfold.models.backbones import Backbone
 from taskfold.models.errors import ModelError
 from taskfold.models.modes import eval_mode
 from taskfold.models.nets.branch import count_macs
 from taskfold.models.nets.registry import NETWORKS, network_options
-from taskfold.models.nets.shared import build_heads
-from taskfold.models.weights import sub_state
+from taskfold.models.nets.shared import build_heads, spec_backbone
 from taskfold.models.nets.tree import Tree, check_tree, parent_index
+from taskfold.models.weights import sub_state
 
 
 def node_key(layer: int, group: int) -> str:
@@ -38,19 +38,19 @@ class BranchedNetOptions:
 
 
 class BranchedNet(nn.Module):
-    def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
+    """The tree ``options.tree`` over ``backbone``'s blocks; ``heads``: one per task, in task order
+    (they name the tasks)."""
+
+    def __init__(self, backbone: Backbone, heads: nn.ModuleDict, options: BranchedNetOptions) -> None:
         super().__init__()
-        backbone = create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights,
-                                   **spec.backbone_options)
-        self.task_names = spec.task_names
-        tree = network_options(BranchedNetOptions, spec.options).tree
-        self.tree: Tree = check_tree(tree, self.task_names, len(backbone.blocks))
+        self.task_names = list(heads)
+        self.tree: Tree = check_tree(options.tree, self.task_names, len(backbone.blocks))
         self.stem = backbone.stem
         self.nodes = nn.ModuleDict({
             node_key(layer, g): copy.deepcopy(backbone.blocks[layer])
             for layer, grouping in enumerate(self.tree) for g in range(len(grouping))
         })
-        self.heads = build_heads(spec, backbone.feature_info, spec.tasks)
+        self.heads = heads
         self.shared_features: list[Tensor] = []
 
     def inference_network(self) -> nn.Module:
@@ -149,5 +149,8 @@ def macs_breakdown(model: BranchedNet, image: Tensor) -> dict:
             "macs_per_task": per_task, "macs_total": sum(macs.values())}
 
 
-NETWORKS.register("bmtas_retrain")(
-    lambda spec, *, backbone_weights=None: BranchedNet(spec, backbone_weights=backbone_weights))
+@NETWORKS.register("bmtas_retrain")
+def build_branched_net(spec: ArchSpec, *, backbone_weights: str | None = None) -> BranchedNet:
+    backbone = spec_backbone(spec, backbone_weights)
+    heads = build_heads(spec, backbone.feature_info, spec.tasks)
+    return BranchedNet(backbone, heads, network_options(BranchedNetOptions, spec.options))

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskfold.models.arch import ArchSpec
-from taskfold.models.backbones import create_backbone
+from taskfold.models.arch import ArchSpec, TaskHead
+from taskfold.models.backbones import Backbone
 from taskfold.models.errors import ModelError
-from taskfold.models.layers.heads import create_head, default_head
 from taskfold.models.layers.stacked_heads import StackedMLPHead
 from taskfold.models.nets.registry import NETWORKS, network_options
+from taskfold.models.nets.shared import build_heads, spec_backbone
 from taskfold.models.weights import sub_state
 
 
@@ -66,36 +66,29 @@ class SampledOutputs(dict):
 
 
 class GroupNet(nn.Module):
-    def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
+    """The DMTG training network over ``backbone``: its first ``options.stem_blocks`` blocks shared,
+    the rest copied once per group; ``heads[task]`` holds the task's K head copies (an
+    ``nn.ModuleList`` of dense heads or one :class:`StackedMLPHead`), one per group, in group order."""
+
+    def __init__(self, backbone: Backbone, heads: dict[str, nn.Module], tasks: list[TaskHead],
+                 options: GroupNetOptions) -> None:
         super().__init__()
-        opts = network_options(GroupNetOptions, spec.options)
-        self.num_groups = opts.num_groups
-        stem_blocks = opts.stem_blocks
-        backbone = create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights,
-                                   **spec.backbone_options)
-        if self.num_groups < 1:
-            raise ModelError(f"DMTG needs num_groups >= 1, got {self.num_groups}")
+        self.num_groups = options.num_groups
+        stem_blocks = options.stem_blocks
         if not 0 <= stem_blocks < len(backbone.blocks):
-            raise ModelError(f"stem_blocks must be in [0, {len(backbone.blocks) - 1}] for {spec.backbone}, got {stem_blocks}")
-        self.tasks = spec.tasks
+            raise ModelError(f"stem_blocks must be in [0, {len(backbone.blocks) - 1}] for {backbone.name}, "
+                             f"got {stem_blocks}")
+        if list(heads) != [t.name for t in tasks]:
+            raise ModelError(f"GroupNet needs one head entry per task, in task order; got {list(heads)}")
+        self.tasks = list(tasks)
         self.stem = nn.ModuleList([backbone.stem, *backbone.blocks[:stem_blocks]])
         branch = nn.ModuleList(backbone.blocks[stem_blocks:])
         self.branches = nn.ModuleList([copy.deepcopy(branch) for _ in range(self.num_groups)])
-        info = backbone.feature_info
-        size = (spec.image_size, spec.image_size)
-        hidden = opts.head_hidden
-        self.heads = nn.ModuleDict()
-        for t in spec.tasks:
-            if t.output == "global":
-                self.heads[t.name] = StackedMLPHead(self.num_groups, info[-1].num_chs, t.out_channels, hidden)
-            else:  # K identical copies, as the paper initialises a task's head in every group
-                head = create_head(default_head(info, t.output, spec.dense_head), info, t.out_channels,
-                                   channels=spec.head_channels, output_size=size)
-                self.heads[t.name] = nn.ModuleList([copy.deepcopy(head) for _ in range(self.num_groups)])
-        self.group_logits = nn.Parameter(torch.zeros(len(spec.tasks), self.num_groups))
-        self.tau = opts.tau
-        self.hard = opts.hard
-        self.skip_below = opts.skip_below
+        self.heads = nn.ModuleDict(heads)
+        self.group_logits = nn.Parameter(torch.zeros(len(tasks), self.num_groups))
+        self.tau = options.tau
+        self.hard = options.hard
+        self.skip_below = options.skip_below
         self.shared_features: list[Tensor] = []
 
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -229,4 +222,20 @@ class PrunedGroupNet(nn.Module):
         return {task: head(feats[self.assignment[task]]) for task, head in self.heads.items()}
 
 
-NETWORKS.register("dmtg")(lambda spec, *, backbone_weights=None: GroupNet(spec, backbone_weights=backbone_weights))
+@NETWORKS.register("dmtg")
+def build_group_net(spec: ArchSpec, *, backbone_weights: str | None = None) -> GroupNet:
+    """A GroupNet from ``spec``: K identical copies of each dense task's head, as the paper
+    initialises a task's head in every group, and one K-copy MLP head per global task."""
+    options = network_options(GroupNetOptions, spec.options)
+    backbone = spec_backbone(spec, backbone_weights)
+    if options.num_groups < 1:
+        raise ModelError(f"DMTG needs num_groups >= 1, got {options.num_groups}")
+    info = backbone.feature_info
+    heads: dict[str, nn.Module] = {}
+    for t in spec.tasks:
+        if t.output == "global":
+            heads[t.name] = StackedMLPHead(options.num_groups, info[-1].num_chs, t.out_channels, options.head_hidden)
+        else:
+            head = build_heads(spec, info, [t])[t.name]
+            heads[t.name] = nn.ModuleList([copy.deepcopy(head) for _ in range(options.num_groups)])
+    return GroupNet(backbone, heads, spec.tasks, options)

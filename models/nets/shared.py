@@ -1,15 +1,24 @@
 """Hard parameter sharing (``shared``: one encoder, one head per task — Aux-Head / naive MTL) and
-its no-sharing twin (``single``: one full encoder+head network per task)."""
+its no-sharing twin (``single``: one full encoder+head network per task).
+
+Also the two ArchSpec readers every network builder in NETWORKS shares: :func:`spec_backbone` and
+:func:`build_heads`. Networks themselves take built parts and their options, never an ArchSpec.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from taskfold.models.arch import ArchSpec, TaskHead
-from taskfold.models.backbones import create_backbone
+from taskfold.models.backbones import Backbone, create_backbone
 from taskfold.models.layers.heads import create_head, default_head
 from taskfold.models.nets.base import KeptAsTrained
 from taskfold.models.nets.registry import NETWORKS
+
+
+def spec_backbone(spec: ArchSpec, weights: str | None) -> Backbone:
+    """A fresh backbone as ``spec`` describes it (its own random initialisation, or ``weights``)."""
+    return create_backbone(spec.backbone, img_size=spec.image_size, weights=weights, **spec.backbone_options)
 
 
 def build_heads(spec: ArchSpec, feature_info: list, tasks: list[TaskHead]) -> nn.ModuleDict:
@@ -29,12 +38,10 @@ class SharedNet(KeptAsTrained, nn.Module):
     representation a gradient-based weighting strategy differentiates against).
     """
 
-    def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None,
-                 tasks: list[TaskHead] | None = None) -> None:
+    def __init__(self, backbone: Backbone, heads: nn.ModuleDict) -> None:
         super().__init__()
-        self.backbone = create_backbone(spec.backbone, img_size=spec.image_size, weights=backbone_weights,
-                                        **spec.backbone_options)
-        self.heads = build_heads(spec, self.backbone.feature_info, tasks or spec.tasks)
+        self.backbone = backbone
+        self.heads = heads
         self.read_indices = sorted({i for head in self.heads.values() for i in head.feature_indices})
         self.shared_features: list[torch.Tensor] = []
 
@@ -51,11 +58,9 @@ class SingleTaskNets(KeptAsTrained, nn.Module):
     """Independent networks, one per task, trained side by side: nothing is shared, so summing the
     task losses gives each network exactly its own single-task gradient."""
 
-    def __init__(self, spec: ArchSpec, *, backbone_weights: str | None = None) -> None:
+    def __init__(self, nets: dict[str, SharedNet]) -> None:
         super().__init__()
-        self.nets = nn.ModuleDict({
-            t.name: SharedNet(spec, backbone_weights=backbone_weights, tasks=[t]) for t in spec.tasks
-        })
+        self.nets = nn.ModuleDict(nets)
         self.shared_features: list[torch.Tensor] = []
 
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -68,11 +73,16 @@ class SingleTaskNets(KeptAsTrained, nn.Module):
         return out
 
 
+def _shared_net(spec: ArchSpec, tasks: list[TaskHead], weights: str | None) -> SharedNet:
+    backbone = spec_backbone(spec, weights)
+    return SharedNet(backbone, build_heads(spec, backbone.feature_info, tasks))
+
+
 @NETWORKS.register("shared")
 def _shared(spec: ArchSpec, *, backbone_weights: str | None = None) -> nn.Module:
-    return SharedNet(spec, backbone_weights=backbone_weights)
+    return _shared_net(spec, spec.tasks, backbone_weights)
 
 
 @NETWORKS.register("single")
 def _single(spec: ArchSpec, *, backbone_weights: str | None = None) -> nn.Module:
-    return SingleTaskNets(spec, backbone_weights=backbone_weights)
+    return SingleTaskNets({t.name: _shared_net(spec, [t], backbone_weights) for t in spec.tasks})
