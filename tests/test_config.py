@@ -107,3 +107,20 @@ def test_on_in_a_recipe_is_a_key_not_a_boolean(tmp_path):
     assert cfg.weighting == {"name": "pcgrad", "on": "params"}
     with pytest.raises(ConfigError, match="train.progress: expected true/false, got 'off'"):
         load_config(recipe, ["train.progress=off"])  # only true/false are booleans (YAML 1.2)
+
+
+def test_a_malformed_compile_entry_is_refused_before_training(tmp_path, capsys):
+    """`compile.int8_max_drop` is only read by the compile at the end of `taskfold run`: a typo in it
+    must not cost a training run first."""
+    from cli_runner import assert_main_user_error
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("""
+data: {dataset: synthscenes, size: 16, train_size: 4, val_size: 2, test_size: 2, cache_dir: CACHE}
+tasks: [{name: seg, kind: segmentation}]
+model: {backbone: resnet10}
+compile: {int8: true, int8_max_drop: [seg.miou=0.01, miou]}
+""".replace("CACHE", str(tmp_path / "cache")))
+    assert_main_user_error(capsys, "--int8-max-drop 'miou': expected METRIC=VALUE", "run", str(recipe),
+                           "-o", str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
