@@ -62,17 +62,27 @@ def run_pipeline(cfg: Config | None, run_dir: Path, *, started: Callable[[], Non
 
 
 def _check_compile_targets(cfg: Config) -> None:
-    """A GPU compile target on a machine that cannot build it is refused before training starts."""
+    """The recipe's compile stage is checked before training starts: a GPU compile target on a
+    machine that cannot build it, or a malformed ``compile.int8_max_drop`` entry, would only fail
+    after training."""
     from taskfold.compiler.errors import CompileError
+    from taskfold.compiler.precision import PrecisionPlan
     from taskfold.compiler.tensorrt import tensorrt_unavailable_reason
     from taskfold.compiler.torch_trt import torch_tensorrt_unavailable_reason
 
+    problems = []
     for wanted, why_not in ((cfg.compile.tensorrt, tensorrt_unavailable_reason),
                             (cfg.compile.torch_tensorrt, torch_tensorrt_unavailable_reason)):
         reason = why_not() if wanted else None
         if reason is not None:
-            raise CompileError(f"{reason} (the recipe's compile stage would fail after training; "
-                               "set compile.tensorrt: false or run on a CUDA machine)")
+            problems.append(f"{reason} (the recipe's compile stage would fail after training; "
+                            "set compile.tensorrt: false or run on a CUDA machine)")
+    try:
+        PrecisionPlan.from_settings(cfg.compile)
+    except CompileError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise CompileError("; ".join(problems))
 
 
 def _bundle_manifest(run) -> dict | None:

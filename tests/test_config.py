@@ -67,8 +67,8 @@ def test_malformed_overrides_are_config_errors(override, fragment):
 
 
 def test_every_component_problem_of_a_recipe_is_named_in_one_error_before_any_data(tmp_path, capsys):
-    """Method, weighting, backbone and task options are all checked before any data is rendered,
-    and all their problems come back in one line."""
+    """Method, weighting, backbone, dataset and task options are all checked before any data is
+    rendered, and all their problems come back in one line."""
     from cli_runner import assert_main_user_error
 
     recipe = tmp_path / "bad.yaml"
@@ -77,15 +77,24 @@ name: bad
 method: {name: aux_nas, lambda_schedule: fast}
 weighting: {name: pcgrad, on: layer}
 primary: seg
-data: {dataset: synthscenes, size: 32, train_size: 8, val_size: 4, test_size: 4, cache_dir: CACHE}
+data: {dataset: synthscenes, size: 32, train_size: 8, val_size: 4, test_size: 4, cache_dir: CACHE,
+       options: {max_object: 3}}
 tasks: [{name: seg, kind: segmentation}, {name: d, kind: depth, options: {loss: l3}}]
 model: {backbone: resnet1O}
 """.replace("CACHE", str(tmp_path / "cache")))
-    assert_main_user_error(capsys, "method.lambda_schedule: expected one of paper, reference, got 'fast'; "
-                           "weighting.on: expected one of params, features, got 'layer'; unknown backbone 'resnet1O'",
-                           "train", str(recipe), "-o", str(tmp_path / "run"))
+    from taskfold.cli.main import main
+
+    capsys.readouterr()
+    assert main(["train", str(recipe), "-o", str(tmp_path / "run")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    for problem in ("method.lambda_schedule: expected one of paper, reference, got 'fast'",
+                    "weighting.on: expected one of params, features, got 'layer'", "unknown backbone 'resnet1O'",
+                    "unknown field 'data.options.max_object' (did you mean 'max_objects'?)",
+                    "tasks.d.loss: expected one of l1, ssi, got 'l3'"):
+        assert problem in line, line
     err_line = "tasks.d.loss: expected one of l1, ssi, got 'l3'"
-    recipe.write_text(recipe.read_text().replace("resnet1O", "resnet10").replace("fast", "paper").replace("layer", "features"))
+    recipe.write_text(recipe.read_text().replace("resnet1O", "resnet10").replace("fast", "paper").replace("layer", "features")
+                      .replace("max_object:", "max_objects:"))
     assert_main_user_error(capsys, err_line, "train", str(recipe), "-o", str(tmp_path / "run"))
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # nothing rendered, nothing written
 
@@ -98,3 +107,20 @@ def test_on_in_a_recipe_is_a_key_not_a_boolean(tmp_path):
     assert cfg.weighting == {"name": "pcgrad", "on": "params"}
     with pytest.raises(ConfigError, match="train.progress: expected true/false, got 'off'"):
         load_config(recipe, ["train.progress=off"])  # only true/false are booleans (YAML 1.2)
+
+
+def test_a_malformed_compile_entry_is_refused_before_training(tmp_path, capsys):
+    """`compile.int8_max_drop` is only read by the compile at the end of `taskfold run`: a typo in it
+    must not cost a training run first."""
+    from cli_runner import assert_main_user_error
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("""
+data: {dataset: synthscenes, size: 16, train_size: 4, val_size: 2, test_size: 2, cache_dir: CACHE}
+tasks: [{name: seg, kind: segmentation}]
+model: {backbone: resnet10}
+compile: {int8: true, int8_max_drop: [seg.miou=0.01, miou]}
+""".replace("CACHE", str(tmp_path / "cache")))
+    assert_main_user_error(capsys, "--int8-max-drop 'miou': expected METRIC=VALUE", "run", str(recipe),
+                           "-o", str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

@@ -29,7 +29,7 @@ from taskfold.trainer import distributed
 from taskfold.trainer.amp import MixedPrecision
 from taskfold.trainer.checkpoint import EpochCursor, cursor_state, rng_state, set_rng_state
 from taskfold.trainer.config import Config, ConfigError, save_config
-from taskfold.trainer.data import DATASETS, create_dataset
+from taskfold.trainer.data import create_dataset, dataset_options
 from taskfold.trainer.data.loader import ARCH, EpochBatches, SplitLoader
 from taskfold.trainer.device import describe, move_parameters, resolve_device, to_device
 from taskfold.trainer.methods import Method, Progress, create_method
@@ -147,7 +147,7 @@ def create_optimizer(name: str, params: list[dict], *, lr: float, weight_decay: 
 
 def check_components(cfg: Config) -> tuple[Method, object]:
     """Build every component a recipe names that needs no data (method, weighting, each task's
-    options, the backbone's and the dataset's names, the report baseline) and report every problem in one
+    options, the backbone's name, the dataset and its options, the report baseline) and report every problem in one
     ConfigError, before any data is rendered or read; returns the method and the weighting."""
     names = [t.name for t in cfg.tasks]
     built: dict[str, object] = {}
@@ -156,7 +156,7 @@ def check_components(cfg: Config) -> tuple[Method, object]:
         "weighting": lambda: create_weighting(cfg.weighting, tasks=names, task_weights={t.name: t.weight for t in cfg.tasks},
                                               primary=[cfg.primary] if cfg.primary else names),
         "backbone": lambda: BACKBONES.get(cfg.model.backbone),
-        "dataset": lambda: DATASETS.get(cfg.data.dataset),
+        "dataset": lambda: dataset_options(cfg.data.dataset, cfg.data.options, cfg.data.size),
         **{f"task {t.name}": (lambda t=t: check_task_options(t.name, t.kind, t.options)) for t in cfg.tasks},
         "baseline": lambda: cfg.report.baseline is not None and baseline_results(cfg.report.baseline, names),
     }

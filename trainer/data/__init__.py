@@ -6,8 +6,8 @@ the trainer iterates any of them: :mod:`taskfold.trainer.data.loader`.
 """
 from __future__ import annotations
 
-from taskfold.trainer.data.base import DATASETS, DatasetInfo, create_dataset
+from taskfold.trainer.data.base import DATASETS, DatasetInfo, create_dataset, dataset_options
 from taskfold.trainer.data import (celeba, composites, mtan, pascal_context, synthscenes,  # noqa: F401  (register)
                                    taskonomy)
 
-__all__ = ["DATASETS", "DatasetInfo", "create_dataset"]
+__all__ = ["DATASETS", "DatasetInfo", "create_dataset", "dataset_options"]

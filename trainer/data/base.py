@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from taskfold.models.registry import Registry
-from taskfold.trainer.config import ConfigError
+from taskfold.trainer.config import ConfigError, build_options
 
 DATASETS: Registry = Registry("dataset")
 
@@ -33,6 +34,33 @@ class DatasetInfo:
     labels: dict[str, dict] = field(default_factory=dict)
 
 
+class DatasetOptions:
+    """Base of every dataset's ``data.options`` dataclass. The fields' types are checked by the
+    config converter; :meth:`check` holds the rules a type cannot state (ranges, known names)."""
+
+    def check(self, size: int | tuple[int, int]) -> None:
+        """Raise one ConfigError naming what cannot work (``size``: ``data.size``)."""
+
+
+def register_dataset(name: str, options: type[DatasetOptions]) -> Callable:
+    """Register a builder ``(*, split, size, num_samples, seed, cache_dir, [root,] options)`` in
+    DATASETS with the dataclass of its ``data.options`` (``builder.Options``), so a recipe's
+    dataset options are validated with everything else before any data is read."""
+
+    def decorate(builder: Callable) -> Callable:
+        builder.Options = options
+        return DATASETS.register(name)(builder)
+
+    return decorate
+
+
+def dataset_options(name: str, options: dict, size: int | tuple[int, int]) -> DatasetOptions:
+    """``data.options`` of dataset ``name``, validated (one ConfigError naming every problem)."""
+    opts = build_options(DATASETS.get(name).Options, options, "data.options")
+    opts.check(size)
+    return opts
+
+
 def create_dataset(name: str, split: str, *, size: int, num_samples: int | None, seed: int = 0,
                    cache_dir: str | None = None, root: str | None = None, **options):
     """Build a registered dataset; ``split`` is one of ``train``, ``val``, ``test``.
@@ -43,15 +71,16 @@ def create_dataset(name: str, split: str, *, size: int, num_samples: int | None,
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; expected train, val or test")
     builder = DATASETS.get(name)
+    opts = dataset_options(name, options, size)
     if "root" in inspect.signature(builder).parameters:
         return builder(split=split, size=size, num_samples=num_samples, seed=seed, cache_dir=cache_dir,
-                       root=root, **options)
+                       root=root, options=opts)
     if root is not None:
         raise ConfigError(f"data.root: dataset {name!r} is generated and reads no folder; remove data.root")
     if num_samples is None:
         raise ConfigError(f"data.{split}_size: dataset {name!r} is generated and needs a number of samples")
     check_fits_in_memory(split, size, num_samples)
-    return builder(split=split, size=size, num_samples=num_samples, seed=seed, cache_dir=cache_dir, **options)
+    return builder(split=split, size=size, num_samples=num_samples, seed=seed, cache_dir=cache_dir, options=opts)
 
 
 def physical_memory() -> int | None:

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taskfold.trainer.config import build_options
-from taskfold.trainer.data.base import DATASETS, DatasetInfo
+from taskfold.trainer.data.base import DatasetInfo, DatasetOptions, register_dataset
 from taskfold.trainer.data.dense import GLOBAL, AugmentOptions, DenseFiles
 from taskfold.trainer.data.files import dataset_root, limit, read_image, read_lines, require_dir, require_file
 from taskfold.trainer.data.idx import DataFormatError, DatasetUnavailable
@@ -31,8 +30,11 @@ PARTITION = {"train": 0, "val": 1, "test": 2}
 
 
 @dataclass
-class CelebAOptions:
+class CelebAOptions(DatasetOptions):
     augment: AugmentOptions = field(default_factory=lambda: AugmentOptions(enabled=False, scales=[1.0]))
+
+    def check(self, size: int | tuple[int, int]) -> None:
+        self.augment.check()
 
 
 def read_attributes(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -95,14 +97,12 @@ class CelebA(DenseFiles):
         return image[top:top + side, left:left + side], labels
 
 
-@DATASETS.register("celeba")
-def celeba(*, split: str, size: int, num_samples: int | None, seed: int = 0, cache_dir: str | None = None,
-           root: str | None = None, **options) -> CelebA:
+@register_dataset("celeba", CelebAOptions)
+def celeba(*, split: str, size: int, num_samples: int | None, seed: int, cache_dir: str | None,
+           root: str | None, options: CelebAOptions) -> CelebA:
     """CelebA's 40 binary attributes from the aligned images and the two list files."""
-    opts = build_options(CelebAOptions, options, "data.options")
-    opts.augment.check()
     base = dataset_root(root, "celeba")
     if not (base / "list_attr_celeba.txt").exists() and (base / "celeba").is_dir():
         base = base / "celeba"
     return CelebA(base, split, size=size, num_samples=num_samples,
-                  augment=opts.augment if split == "train" else None)
+                  augment=options.augment if split == "train" else None)

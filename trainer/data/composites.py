@@ -28,6 +28,7 @@ Sources (never shared between splits): Fashion-MNIST train file -> train (first 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from taskfold.trainer.config import ConfigError, build_options
+from taskfold.trainer.config import ConfigError
 from taskfold.trainer.data import mnist_csv
-from taskfold.trainer.data.base import DATASETS, DatasetInfo
+from taskfold.trainer.data.base import DatasetInfo, DatasetOptions, register_dataset
 from taskfold.trainer.data.idx import DatasetUnavailable, load_idx_pair
 from taskfold.trainer.data.loader import as_key
 
@@ -75,7 +76,7 @@ FASHION_HOW_TO = (
 
 
 @dataclass
-class CompositeOptions:
+class CompositeOptions(DatasetOptions):
     """``data.options`` of the ``composites`` dataset (see the module docstring)."""
 
     fashion: int = 1
@@ -88,7 +89,25 @@ class CompositeOptions:
     overlap: float = 0.0
     tint: bool = True
     mask_threshold: float = 0.05
-    segmentation: str = "kind"  # "kind": 0 background, 1 fashion, 2 digit; "class": 1 + class index
+    segmentation: Literal["kind", "class"] = "kind"  # "kind": 0 background, 1 fashion, 2 digit; "class": 1 + class index
+
+    def check(self, size: int | tuple[int, int]) -> None:
+        """Reject options that would break the layout's guarantees, naming every bad field."""
+        problems = []
+        if self.fashion < 0 or self.digits < 0 or not 1 <= self.fashion + self.digits <= len(QUADRANTS):
+            problems.append("data.options.fashion/digits: need 0 or more of each and 1 to 4 objects in all")
+        if not isinstance(size, int) or size < 16:
+            problems.append(f"data.size: composites need a square side of at least 16 pixels, got {size}")
+        if not 0.0 < self.min_scale <= self.max_scale <= 1.0:
+            problems.append("data.options.min_scale/max_scale: need 0 < min_scale <= max_scale <= 1")
+        cell = size // 2 if isinstance(size, int) else 0
+        if not 0.0 <= self.overlap or 2 * int(self.overlap * cell) >= round(self.min_scale * cell):
+            problems.append("data.options.overlap: must be >= 0 and below min_scale / 2 "
+                            "(an object's centre must stay in its quadrant)")
+        if not 0.0 < self.mask_threshold <= 1.0:
+            problems.append("data.options.mask_threshold: must be in (0, 1]")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -178,27 +197,6 @@ def _digit_source(opts: CompositeOptions, split: str) -> Source:
     return Source(images[rows], labels[rows], rows, path)
 
 
-def _check(opts: CompositeOptions, size: int) -> None:
-    """Reject options that would break the layout's guarantees, naming every bad field."""
-    problems = []
-    if opts.fashion < 0 or opts.digits < 0 or not 1 <= opts.fashion + opts.digits <= len(QUADRANTS):
-        problems.append("data.options.fashion/digits: need 0 or more of each and 1 to 4 objects in all")
-    if size < 16:
-        problems.append(f"data.size: composites need at least 16 pixels, got {size}")
-    if not 0.0 < opts.min_scale <= opts.max_scale <= 1.0:
-        problems.append("data.options.min_scale/max_scale: need 0 < min_scale <= max_scale <= 1")
-    cell = size // 2
-    if not 0.0 <= opts.overlap or 2 * int(opts.overlap * cell) >= round(opts.min_scale * cell):
-        problems.append("data.options.overlap: must be >= 0 and below min_scale / 2 "
-                        "(an object's centre must stay in its quadrant)")
-    if not 0.0 < opts.mask_threshold <= 1.0:
-        problems.append("data.options.mask_threshold: must be in (0, 1]")
-    if opts.segmentation not in ("kind", "class"):
-        problems.append(f"data.options.segmentation: 'kind' or 'class', got {opts.segmentation!r}")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
 def _info(opts: CompositeOptions, size: int, slots: list[tuple[str, str, int]]) -> DatasetInfo:
     labels: dict[str, dict] = {}
     for name, kind, instance in slots:
@@ -242,23 +240,21 @@ def _paste(canvas: np.ndarray, seg: np.ndarray, objects: np.ndarray, top: np.nda
             seg[i][window][a >= mask_threshold] = seg_value[i]
 
 
-@DATASETS.register("composites")
-def composites(*, split: str, size: int, num_samples: int, seed: int = 0, cache_dir: str | None = None,
-               **options) -> CompositeDataset:
+@register_dataset("composites", CompositeOptions)
+def composites(*, split: str, size: int, num_samples: int, seed: int, cache_dir: str | None,
+               options: CompositeOptions) -> CompositeDataset:
     """Build ``num_samples`` composites of ``split``; the same (seed, split, size, num_samples,
     options) always gives the same data (a smaller ``num_samples`` is not a prefix of a larger one).
 
     ``cache_dir`` is accepted for the dataset contract but unused: building from the installed
     files takes seconds.
     """
-    opts = build_options(CompositeOptions, options, "data.options")
-    _check(opts, size)
-    slots = _slots(opts)
+    slots = _slots(options)
     sources = {}
-    if opts.fashion:
-        sources["fashion"] = _fashion_source(opts, split)
-    if opts.digits:
-        sources["digit"] = _digit_source(opts, split)
+    if options.fashion:
+        sources["fashion"] = _fashion_source(options, split)
+    if options.digits:
+        sources["digit"] = _digit_source(options, split)
     for kind, source in sources.items():
         if len(source.images) == 0:
             raise DatasetUnavailable(f"composites: no {kind} images for split {split!r} in {source.origin}")
@@ -267,10 +263,10 @@ def composites(*, split: str, size: int, num_samples: int, seed: int = 0, cache_
     n, cell = num_samples, size // 2
     cells = np.argsort(rng.random((n, len(QUADRANTS))), axis=1)[:, :len(slots)]
     # Same-kind objects take their cells in reading order, so "fashion0" is visibly the first one.
-    cells[:, :opts.fashion] = np.sort(cells[:, :opts.fashion], axis=1)
-    cells[:, opts.fashion:] = np.sort(cells[:, opts.fashion:], axis=1)
-    side_lo, side_hi = round(opts.min_scale * cell), round(opts.max_scale * cell)
-    reach = int(opts.overlap * cell)
+    cells[:, :options.fashion] = np.sort(cells[:, :options.fashion], axis=1)
+    cells[:, options.fashion:] = np.sort(cells[:, options.fashion:], axis=1)
+    side_lo, side_hi = round(options.min_scale * cell), round(options.max_scale * cell)
+    reach = int(options.overlap * cell)
 
     canvas = np.zeros((n, 3, size, size), dtype=np.float32)
     seg = np.zeros((n, size, size), dtype=np.uint8)  # at most 21 classes; int64 per batch
@@ -283,12 +279,12 @@ def composites(*, split: str, size: int, num_samples: int, seed: int = 0, cache_
         top = (cells[:, j] // 2) * cell + rng.integers(-reach, cell - side + reach + 1)
         left = (cells[:, j] % 2) * cell + rng.integers(-reach, cell - side + reach + 1)
         top, left = np.clip(top, 0, size - side), np.clip(left, 0, size - side)
-        colour = rng.uniform(0.35, 1.0, (n, 3)).astype(np.float32) if opts.tint else np.ones((n, 3), np.float32)
+        colour = rng.uniform(0.35, 1.0, (n, 3)).astype(np.float32) if options.tint else np.ones((n, 3), np.float32)
         label = source.labels[pick]
-        seg_value = (1 if kind == "fashion" else 2) if opts.segmentation == "kind" else \
+        seg_value = (1 if kind == "fashion" else 2) if options.segmentation == "kind" else \
             1 + label + (0 if kind == "fashion" else len(FASHION_CLASSES))
         _paste(canvas, seg, source.images[pick], top, left, side, colour,
-               np.broadcast_to(seg_value, (n,)), opts.mask_threshold)
+               np.broadcast_to(seg_value, (n,)), options.mask_threshold)
         for suffix, (_, table) in ATTRIBUTES[kind].items():
             targets[f"{name}_{suffix}"] = torch.from_numpy(np.asarray(table, dtype=np.int64)[label])
         targets[f"{name}_quadrant"] = torch.from_numpy(cells[:, j].astype(np.int64))
@@ -297,4 +293,4 @@ def composites(*, split: str, size: int, num_samples: int, seed: int = 0, cache_
     targets["segmentation"] = torch.from_numpy(seg)
     images = torch.from_numpy(canvas)  # normalised in place: the same values as (x - mean) / std
     images.sub_(torch.tensor(MEAN).view(1, 3, 1, 1)).div_(torch.tensor(STD).view(1, 3, 1, 1))
-    return CompositeDataset(images, targets, _info(opts, size, slots), placements)
+    return CompositeDataset(images, targets, _info(options, size, slots), placements)

@@ -18,12 +18,12 @@ boundary pixels of :func:`label_edges`; NYUv2 as MTAN ships it has no edge annot
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
 
-from taskfold.trainer.config import build_options
-from taskfold.trainer.data.base import DATASETS, DatasetInfo
+from taskfold.trainer.data.base import DatasetInfo, DatasetOptions, register_dataset
 from taskfold.trainer.data.dense import CLASSES, DEPTH, DISPARITY, MAP, NORMALS, AugmentOptions, DenseFiles
 from taskfold.trainer.data.edges import label_edges
 from taskfold.trainer.data.files import (check_shape, dataset_root, limit, read_npy, require_dir,
@@ -39,16 +39,22 @@ FOLDER_OF_SPLIT = {"train": "train", "val": "val", "test": "val"}
 
 
 @dataclass
-class NyuOptions:
+class NyuOptions(DatasetOptions):
     edges: bool = False
     augment: AugmentOptions = field(default_factory=AugmentOptions)
+
+    def check(self, size: int | tuple[int, int]) -> None:
+        self.augment.check()
 
 
 @dataclass
-class CityscapesOptions:
-    classes: int = 7
+class CityscapesOptions(DatasetOptions):
+    classes: Literal[2, 7, 19] = 7
     edges: bool = False
     augment: AugmentOptions = field(default_factory=AugmentOptions)
+
+    def check(self, size: int | tuple[int, int]) -> None:
+        self.augment.check()
 
 
 class NpyDense(DenseFiles):
@@ -104,27 +110,23 @@ def _split_dir(root: str | None, name: str, split: str) -> Path:
     return require_dir(dataset_root(root, name) / FOLDER_OF_SPLIT[split], name, f"{split} split")
 
 
-@DATASETS.register("nyuv2")
-def nyuv2(*, split: str, size: int, num_samples: int | None, seed: int = 0, cache_dir: str | None = None,
-          root: str | None = None, **options) -> NpyDense:
+@register_dataset("nyuv2", NyuOptions)
+def nyuv2(*, split: str, size: int, num_samples: int | None, seed: int, cache_dir: str | None,
+          root: str | None, options: NyuOptions) -> NpyDense:
     """NYUv2 (13-class segmentation, depth in metres, surface normals) from MTAN's ``.npy`` files."""
-    opts = build_options(NyuOptions, options, "data.options")
-    opts.augment.check()
     folders = {"segmentation": ("label", CLASSES), "depth": ("depth", DEPTH), "normals": ("normal", NORMALS)}
-    return NpyDense("nyuv2", _split_dir(root, "nyuv2", split), folders, classes=13, edges=opts.edges, size=size,
-                    num_samples=num_samples, augment=opts.augment if split == "train" else None)
+    return NpyDense("nyuv2", _split_dir(root, "nyuv2", split), folders, classes=13, edges=options.edges, size=size,
+                    num_samples=num_samples, augment=options.augment if split == "train" else None)
 
 
-@DATASETS.register("cityscapes")
-def cityscapes(*, split: str, size: int, num_samples: int | None, seed: int = 0, cache_dir: str | None = None,
-               root: str | None = None, **options) -> NpyDense:
+@register_dataset("cityscapes", CityscapesOptions)
+def cityscapes(*, split: str, size: int, num_samples: int | None, seed: int, cache_dir: str | None,
+               root: str | None, options: CityscapesOptions) -> NpyDense:
     """Cityscapes (2/7/19-class segmentation, disparity) from MTAN's ``.npy`` files."""
-    opts = build_options(CityscapesOptions, options, "data.options")
-    opts.augment.check()
     split_dir = _split_dir(root, "cityscapes", split)
-    label = f"label_{opts.classes}"
+    label = f"label_{options.classes}"
     if not (split_dir / label).is_dir() and (split_dir / "label").is_dir():
         label = "label"
     folders = {"segmentation": (label, CLASSES), "disparity": ("depth", DISPARITY)}
-    return NpyDense("cityscapes", split_dir, folders, classes=opts.classes, edges=opts.edges, size=size,
-                    num_samples=num_samples, augment=opts.augment if split == "train" else None)
+    return NpyDense("cityscapes", split_dir, folders, classes=options.classes, edges=options.edges, size=size,
+                    num_samples=num_samples, augment=options.augment if split == "train" else None)

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taskfold.trainer.config import ConfigError, build_options
-from taskfold.trainer.data.base import DATASETS, DatasetInfo
+from taskfold.trainer.config import ConfigError
+from taskfold.trainer.data.base import DatasetInfo, DatasetOptions, register_dataset
 from taskfold.trainer.data.dense import CLASSES, MAP, NORMALS, AugmentOptions, DenseFiles, chw
 from taskfold.trainer.data.edges import label_edges
 from taskfold.trainer.data.files import (check_shape, dataset_root, limit, read_image, read_lines, read_mat,
@@ -60,9 +60,15 @@ TASK_LABELS = ("segmentation", "human_parts", "normals", "saliency", "edges")
 
 
 @dataclass
-class PascalOptions:
+class PascalOptions(DatasetOptions):
     labels: list[str] = field(default_factory=lambda: list(TASK_LABELS))
     augment: AugmentOptions = field(default_factory=lambda: AugmentOptions(scales=[1.0, 1.25, 1.5, 1.75, 2.0]))
+
+    def check(self, size: int | tuple[int, int]) -> None:
+        self.augment.check()
+        unknown = [k for k in self.labels if k not in TASK_LABELS]
+        if unknown or not self.labels:
+            raise ConfigError(f"data.options.labels: unknown {unknown or 'empty list'}; known: {', '.join(TASK_LABELS)}")
 
 
 def human_parts_map(anno: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -170,14 +176,9 @@ class PascalContext(DenseFiles):
         return labels
 
 
-@DATASETS.register("pascal_context")
-def pascal_context(*, split: str, size: int, num_samples: int | None, seed: int = 0, cache_dir: str | None = None,
-                   root: str | None = None, **options) -> PascalContext:
+@register_dataset("pascal_context", PascalOptions)
+def pascal_context(*, split: str, size: int, num_samples: int | None, seed: int, cache_dir: str | None,
+                   root: str | None, options: PascalOptions) -> PascalContext:
     """PASCAL-Context images with the five multi-task labels (``labels`` picks a subset)."""
-    opts = build_options(PascalOptions, options, "data.options")
-    opts.augment.check()
-    unknown = [k for k in opts.labels if k not in TASK_LABELS]
-    if unknown or not opts.labels:
-        raise ConfigError(f"data.options.labels: unknown {unknown or 'empty list'}; known: {', '.join(TASK_LABELS)}")
-    return PascalContext(dataset_root(root, "pascal_context"), split, list(opts.labels), size=size,
-                         num_samples=num_samples, augment=opts.augment if split == "train" else None)
+    return PascalContext(dataset_root(root, "pascal_context"), split, list(options.labels), size=size,
+                         num_samples=num_samples, augment=options.augment if split == "train" else None)

@@ -29,6 +29,7 @@ import logging
 import os
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from taskfold.trainer.config import ConfigError
-from taskfold.trainer.data.base import DATASETS, DatasetInfo
+from taskfold.trainer.data.base import DatasetInfo, DatasetOptions, register_dataset
 from taskfold.trainer.data.loader import as_key
 from taskfold.trainer.data.render import BOX, CLASS_NAMES, CYLINDER, EMPTY_SLOT, SPHERE, Scenes, render
 
@@ -44,7 +45,21 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 IGNORE_INDEX = 255
 SCENE_CLASS_NAMES = ("box", "sphere", "cylinder")
 OBJECT_KINDS = (BOX, SPHERE, CYLINDER)
-DEFAULT_OPTIONS = {"min_objects": 2, "max_objects": 5, "image_noise": 0.02}
+
+
+@dataclass
+class SynthScenesOptions(DatasetOptions):
+    """``data.options`` of synthscenes."""
+
+    min_objects: int = 2
+    max_objects: int = 5
+    image_noise: float = 0.02  # standard deviation of the sensor noise added to the [0, 1] image
+
+    def check(self, size: int | tuple[int, int]) -> None:
+        _image_shape(size)
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ConfigError("synthscenes: need 1 <= min_objects <= max_objects, "
+                              f"got {self.min_objects} and {self.max_objects}")
 # Per-channel mean/std of the uint8 images / 255, measured once on the 2,000 train images at
 # 64x64 with seed 0 and default options; fixed so that every split and size normalises alike.
 MEAN = (0.3252, 0.3254, 0.3263)
@@ -228,29 +243,17 @@ def _image_shape(size: int | tuple[int, int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-@DATASETS.register("synthscenes")
-def build_synthscenes(split: str, size: int | tuple[int, int] = 64, num_samples: int = 2000, seed: int = 0,
-                      cache_dir: str | os.PathLike | None = None, **options) -> SynthScenes:
-    """Render (or reload from ``cache_dir``) one split of synthscenes.
-
-    ``size`` is the side of a square image or ``(height, width)``. Options: ``min_objects``
-    (default 2), ``max_objects`` (5), ``image_noise`` (standard deviation of the sensor noise
-    added to the [0, 1] image, 0.02).
-    """
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise ConfigError(f"synthscenes: unknown option(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(DEFAULT_OPTIONS))}")
+@register_dataset("synthscenes", SynthScenesOptions)
+def build_synthscenes(*, split: str, size: int | tuple[int, int], num_samples: int, seed: int,
+                      cache_dir: str | os.PathLike | None, options: SynthScenesOptions) -> SynthScenes:
+    """Render (or reload from ``cache_dir``) one split of synthscenes; ``size`` is the side of a
+    square image or ``(height, width)``."""
     if split not in SPLIT_CODES:
         raise ConfigError(f"synthscenes: unknown split {split!r}; expected one of {', '.join(SPLIT_CODES)}")
-    resolved = {**DEFAULT_OPTIONS, **options}
-    if not 1 <= resolved["min_objects"] <= resolved["max_objects"]:
-        raise ConfigError("synthscenes: need 1 <= min_objects <= max_objects, "
-                          f"got {resolved['min_objects']} and {resolved['max_objects']}")
     if num_samples < 1 or seed < 0:
         raise ConfigError(f"synthscenes: need num_samples >= 1 and seed >= 0, got {num_samples} and {seed}")
     height, width = _image_shape(size)
     params = {"split": split, "height": height, "width": width, "num_samples": int(num_samples),
-              "seed": int(seed), "min_objects": int(resolved["min_objects"]),
-              "max_objects": int(resolved["max_objects"]), "image_noise": float(resolved["image_noise"])}
+              "seed": int(seed), "min_objects": options.min_objects, "max_objects": options.max_objects,
+              "image_noise": float(options.image_noise)}
     return SynthScenes(_load_or_render(cache_dir, params))

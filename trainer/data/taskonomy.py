@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taskfold.trainer.config import ConfigError, build_options
-from taskfold.trainer.data.base import DATASETS, DatasetInfo
+from taskfold.trainer.config import ConfigError
+from taskfold.trainer.data.base import DatasetInfo, DatasetOptions, register_dataset
 from taskfold.trainer.data.dense import CLASSES, DEPTH, MAP, NORMALS, AugmentOptions, DenseFiles, chw
 from taskfold.trainer.data.files import dataset_root, limit, read_image, read_lines, require_dir, require_file
 from taskfold.trainer.data.idx import DatasetUnavailable
@@ -57,11 +57,17 @@ TASKONOMY5 = ["segment_semantic", "depth_zbuffer", "normal", "keypoints2d", "edg
 
 
 @dataclass
-class TaskonomyOptions:
+class TaskonomyOptions(DatasetOptions):
     buildings: dict = field(default_factory=dict)  # split -> list of names, or a text file under root
     domains: list[str] = field(default_factory=lambda: list(TASKONOMY5))
     max_depth_raw: int = 2 ** 13
     augment: AugmentOptions = field(default_factory=AugmentOptions)
+
+    def check(self, size: int | tuple[int, int]) -> None:
+        self.augment.check()
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown or not self.domains:
+            raise ConfigError(f"data.options.domains: unknown {unknown or 'empty list'}; known: {', '.join(DOMAINS)}")
 
 
 def label_path(root: Path, rgb: Path, domain: str) -> Path:
@@ -142,15 +148,10 @@ class Taskonomy(DenseFiles):
         return labels
 
 
-@DATASETS.register("taskonomy")
-def taskonomy(*, split: str, size: int, num_samples: int | None, seed: int = 0, cache_dir: str | None = None,
-              root: str | None = None, **options) -> Taskonomy:
+@register_dataset("taskonomy", TaskonomyOptions)
+def taskonomy(*, split: str, size: int, num_samples: int | None, seed: int, cache_dir: str | None,
+              root: str | None, options: TaskonomyOptions) -> Taskonomy:
     """Taskonomy images of the split's buildings with the chosen domains' labels."""
-    opts = build_options(TaskonomyOptions, options, "data.options")
-    opts.augment.check()
-    unknown = [d for d in opts.domains if d not in DOMAINS]
-    if unknown or not opts.domains:
-        raise ConfigError(f"data.options.domains: unknown {unknown or 'empty list'}; known: {', '.join(DOMAINS)}")
     base = dataset_root(root, "taskonomy")
-    return Taskonomy(base, _buildings(base, opts, split), opts, size=size, num_samples=num_samples,
-                     augment=opts.augment if split == "train" else None)
+    return Taskonomy(base, _buildings(base, options, split), options, size=size, num_samples=num_samples,
+                     augment=options.augment if split == "train" else None)
