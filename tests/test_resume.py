@@ -65,6 +65,7 @@ def _kill_at_step(recipe: Path, run: Path, step: int) -> None:
     assert (run / "checkpoints" / "last").is_dir(), "killed before its first checkpoint"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["shared", "aux_nas"])
 def test_kill_9_at_a_random_step_then_resume_is_bit_identical(method, tmp_path):
     recipe = _recipe(tmp_path, method)
@@ -82,6 +83,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_identical(method, tmp_path):
     assert _records(killed) == _records(reference)  # appended, no duplicates, nothing lost
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_middle_of_a_checkpoint_swap_resumes_from_the_previous_checkpoint(tmp_path):
     recipe = _recipe(tmp_path, "shared")
     reference, killed = tmp_path / "reference", tmp_path / "killed"
@@ -102,6 +104,7 @@ def test_a_kill_in_the_middle_of_a_checkpoint_swap_resumes_from_the_previous_che
     assert not (checkpoints / "last.old").exists() and not (checkpoints / "last.new").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_finished_run_and_unsafe_changes(tmp_path):
     recipe = _recipe(tmp_path, "shared", train={**RECIPE["train"], "epochs": 1})
     run = tmp_path / "run"

@@ -194,6 +194,7 @@ def test_unknown_models_versions_and_routes(server, path: str, method: str, stat
     assert got == status and "\n" not in json.loads(raw)["error"]
 
 
+@pytest.mark.slow
 def test_32_concurrent_clients_each_get_their_own_answer_and_batches_form(server, demo_bundle: Path):
     url, log = server
     predictor = load(demo_bundle, threads=1)
