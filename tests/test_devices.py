@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from cli_runner import assert_user_error, run_cli
+from cli_runner import assert_main_user_error, assert_user_error, run_cli
 from fast_subset import slow_except
 from taskfold.runtime.cuda import cuda_unavailable_reason
 from taskfold.trainer.config import ConfigError, config_from_dict
@@ -67,10 +67,10 @@ def arch_parameters(model) -> list[torch.nn.Parameter]:
 
 
 @pytest.mark.skipif(NO_CUDA is None, reason="CUDA is available here; the CPU-only refusal does not apply")
-def test_cuda_requested_without_cuda_is_one_line_and_exit_2(tmp_path):
+def test_cuda_requested_without_cuda_is_one_line_and_exit_2(tmp_path, capsys):
     out = tmp_path / "run"
-    proc = run_cli("train", "cli/recipes/demo.yaml", "-o", str(out), "--set", "train.device=cuda:1")
-    assert_user_error(proc, "train.device: cuda:1 requested but")
+    assert_main_user_error(capsys, "train.device: cuda:1 requested but",
+                           "train", "cli/recipes/demo.yaml", "-o", str(out), "--set", "train.device=cuda:1")
     assert not out.exists()
 
 

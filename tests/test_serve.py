@@ -253,6 +253,7 @@ def test_a_lone_request_does_not_wait_out_the_queue_delay(server):
     assert {r: after[r] - before[r] for r in reasons} == {"full": 0, "none_arriving": 5, "max_delay": 0}
 
 
+@pytest.mark.slow  # a served process drained by a real SIGTERM
 def test_sigterm_drains_and_exits_0(demo_bundle: Path, tmp_path: Path):
     proc, url = _start(demo_bundle, tmp_path / "log")
     images = _images(32, seed=3)
