@@ -98,24 +98,23 @@ def test_wrong_input_shape_exits_2(demo_bundle: Path, tmp_path: Path):
     assert_user_error(run_cli("predict", str(demo_bundle), str(images)), "64")
 
 
-def test_existing_run_directory_is_not_overwritten(demo_run: Path):
+def test_existing_run_directory_is_not_overwritten(demo_run: Path, capsys):
     before = sorted(p.name for p in demo_run.iterdir())
-    proc = run_cli("train", "configs/demo.yaml", "-o", str(demo_run))
-    assert_user_error(proc, "already exists")
+    assert_main_user_error(capsys, "already exists", "train", "configs/demo.yaml", "-o", str(demo_run))
     assert sorted(p.name for p in demo_run.iterdir()) == before
 
 
 @pytest.mark.parametrize("args", [["flops", "/nonexistent/model.onnx"], ["compile", "/nonexistent/run"]])
-def test_missing_paths_exit_2(args):
-    assert_user_error(run_cli(*args), "nonexistent")
+def test_missing_paths_exit_2(args, capsys):
+    assert_main_user_error(capsys, "nonexistent", *args)
 
 
-def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path: Path):
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    proc = run_cli("train", "configs/demo.yaml", "-o", str(precious), "--overwrite")
-    assert_user_error(proc, "not a taskfold run directory")
+    assert_main_user_error(capsys, "not a taskfold run directory",
+                           "train", "configs/demo.yaml", "-o", str(precious), "--overwrite")
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 

@@ -129,6 +129,7 @@ def test_evaluation_meters_merge_to_the_whole_split(kind):
 # two gloo processes
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     """shared + EW, SyncBatchNorm, SGD: the weights after 4 steps agree to 1e-5. (SGD's update is
     linear in the gradient; Adam's per-element normalisation turns rounding-level differences of
@@ -209,6 +210,7 @@ def test_kill_both_ranks_then_resume_with_two_processes_is_bit_identical(tmp_pat
     assert _records(killed) == _records(reference), f"metrics differ after a kill at step {step}"
 
 
+@pytest.mark.slow
 def test_nproc_with_a_bad_recipe_is_one_line(tmp_path):
     recipe = _recipe(tmp_path, "bad", method="shared", weighting="nope")
     assert_user_error(run_cli("train", str(recipe), "-o", str(tmp_path / "run"), "--nproc", "2"),

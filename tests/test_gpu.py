@@ -24,6 +24,7 @@ def _has_tensorrt() -> bool:
     return True
 
 
+@pytest.mark.slow  # a subprocess CLI run; the same refusal in-process: test_cuda_requested_without_cuda_is_one_line_and_exit_2
 @pytest.mark.skipif(NO_CUDA is None, reason="CUDA is available here; the CPU-only refusal does not apply")
 def test_tensorrt_compile_without_cuda_exits_2_with_the_reason(demo_run: Path):
     proc = subprocess.run([sys.executable, "-m", "taskfold.cli", "compile", str(demo_run), "-o",

@@ -136,7 +136,7 @@ class _Net(nn.Module):
 
 
 @pytest.mark.parametrize(("backbone", "kind"), [
-    ("resnet10", "aspp"), ("resnet10", "dpt"), pytest.param("vit_tiny_patch16_224", "dpt", marks=pytest.mark.slow)])
+    pytest.param("resnet10", "aspp", marks=pytest.mark.slow), ("resnet10", "dpt"), pytest.param("vit_tiny_patch16_224", "dpt", marks=pytest.mark.slow)])
 def test_onnx_export_matches_torch(backbone: str, kind: str, tmp_path: Path) -> None:
     model = _backbone(backbone)
     net = _Net(model, create_head(kind, model.feature_info, 3, channels=16, output_size=(IMG, IMG))).eval()

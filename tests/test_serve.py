@@ -194,6 +194,7 @@ def test_unknown_models_versions_and_routes(server, path: str, method: str, stat
     assert got == status and "\n" not in json.loads(raw)["error"]
 
 
+@pytest.mark.slow
 def test_32_concurrent_clients_each_get_their_own_answer_and_batches_form(server, demo_bundle: Path):
     url, log = server
     predictor = load(demo_bundle, threads=1)
@@ -252,6 +253,7 @@ def test_a_lone_request_does_not_wait_out_the_queue_delay(server):
     assert {r: after[r] - before[r] for r in reasons} == {"full": 0, "none_arriving": 5, "max_delay": 0}
 
 
+@pytest.mark.slow  # a served process drained by a real SIGTERM
 def test_sigterm_drains_and_exits_0(demo_bundle: Path, tmp_path: Path):
     proc, url = _start(demo_bundle, tmp_path / "log")
     images = _images(32, seed=3)
