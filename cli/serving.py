@@ -49,7 +49,7 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
     p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folders")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0: any free port)")
-    p.add_argument("--max-batch", type=int, default=8, help="most rows merged into one inference (default: 8)")
+    p.add_argument("--max-batch", type=int, default=16, help="most rows merged into one inference (default: 16)")
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="how long a batch that is not full may wait for requests already arriving (never for "
                         "requests not yet sent: a lone request starts at once; default: 0, batch what is queued)")

@@ -44,7 +44,7 @@ class ServeOptions:
     bundles: tuple[str, ...]
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch: int = 8
+    max_batch: int = 16  # measured best of 8, 16, 32 on the demo bundle (BENCHMARKS.md, issue 13)
     max_queue_delay_us: int = 0
     workers: int = 1
     threads: int | None = None
