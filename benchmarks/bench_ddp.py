@@ -90,7 +90,7 @@ def allreduce_ms(numel: int) -> float:
 
 def demo_parameters() -> int:
     from taskfold.trainer.config import load_config
-    from taskfold.trainer.loop import build_spec, build_tasks
+    from taskfold.trainer.components import build_spec, build_tasks
     from taskfold.trainer.data import create_dataset
     from taskfold.trainer.methods import create_method
 

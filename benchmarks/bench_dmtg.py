@@ -120,7 +120,7 @@ def training_step(num_tasks: int, args):
     from taskfold.models.arch import ArchSpec, TaskHead
     from taskfold.models.nets import build_network
     from taskfold.trainer.data.base import DatasetInfo
-    from taskfold.trainer.loop import create_optimizer
+    from taskfold.trainer.components import create_optimizer
     from taskfold.trainer.methods import create_method
     from taskfold.trainer.tasks import create_task
 

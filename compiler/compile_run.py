@@ -81,7 +81,7 @@ def compile_settings(cfg: Config, overrides: dict[str, Any]) -> CompileConfig:
 def precision_data(cfg: Config, calib_images: int) -> EvalData:
     """The run's whole test split and tasks (to score each graph) and the first ``calib_images``
     images of its training split, preprocessed as in training (to calibrate INT8 ranges)."""
-    from taskfold.trainer.loop import build_tasks, eval_loader
+    from taskfold.trainer.components import build_tasks, eval_loader
 
     d = cfg.data
     test = create_dataset(d.dataset, "test", size=d.size, num_samples=d.test_size, seed=d.seed,

@@ -69,7 +69,7 @@ def test_a_format_1_run_still_compiles(method, tmp_path):
 
 def test_a_new_run_records_every_option_resolved(tmp_path):
     from taskfold.trainer.data import create_dataset
-    from taskfold.trainer.loop import build_spec, build_tasks
+    from taskfold.trainer.components import build_spec, build_tasks
 
     cfg = load_config(FIXTURES / "dmtg" / "config.yaml")
     method = create_method(cfg.method)

@@ -22,7 +22,7 @@ from taskfold.cli.main import main
 from taskfold.compiler.accuracy import OnnxNetwork, parse_max_drops, resolve_limits
 from taskfold.compiler.compile_run import held_out_images, precision_data
 from taskfold.trainer.data.loader import as_key, load_batch
-from taskfold.trainer.loop import eval_loader
+from taskfold.trainer.components import eval_loader
 from taskfold.compiler.errors import CompileError
 from taskfold.compiler.fp16 import convert_fp16
 from taskfold.compiler.int8 import SCHEMES, head_nodes, quantize_int8
