@@ -138,10 +138,8 @@ def merge_meters(meters: dict) -> dict:
     """Every rank's evaluation meters merged in rank order (identical on every rank)."""
     if not active():
         return meters
-    gathered: list = [None] * world_size()
-    dist.all_gather_object(gathered, meters)
-    merged = gathered[0]
-    for other in gathered[1:]:
+    merged, *others = gather(meters)
+    for other in others:
         for name, meter in merged.items():
             meter.merge(other[name])
     return merged

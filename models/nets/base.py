@@ -49,7 +49,8 @@ class SearchableNetwork(MultiTaskNetwork, Protocol):
 
 
 class KeptAsTrained:
-    """Mixin of a network that inference keeps whole (nothing cut, nothing to measure)."""
+    """Mixin of a network that inference keeps whole (nothing cut; a network with something to
+    report about itself, such as BranchedNet's MAdds, overrides ``inference_summary``)."""
 
     def inference_network(self) -> nn.Module:
         return self  # type: ignore[return-value]

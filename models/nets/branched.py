@@ -19,6 +19,7 @@ from taskfold.models.arch import ArchSpec
 from taskfold.models.backbones import Backbone
 from taskfold.models.errors import ModelError
 from taskfold.models.modes import eval_mode
+from taskfold.models.nets.base import KeptAsTrained
 from taskfold.models.nets.branch import count_macs
 from taskfold.models.nets.registry import NETWORKS, network_options
 from taskfold.models.nets.shared import build_heads, spec_backbone
@@ -37,7 +38,7 @@ class BranchedNetOptions:
     tree: list = field(default_factory=list)  # per encoder layer, the task groups (models/nets/tree.py)
 
 
-class BranchedNet(nn.Module):
+class BranchedNet(KeptAsTrained, nn.Module):
     """The tree ``options.tree`` over ``backbone``'s blocks; ``heads``: one per task, in task order
     (they name the tasks)."""
 
@@ -52,10 +53,6 @@ class BranchedNet(nn.Module):
         })
         self.heads = heads
         self.shared_features: list[Tensor] = []
-
-    def inference_network(self) -> nn.Module:
-        """Inference keeps the derived tree as trained."""
-        return self
 
     def inference_summary(self, kept: nn.Module, images: Tensor, *, force: bool) -> dict:
         """Nothing is cut (each node already runs once); the tree and its MAdds per layer, node and task."""

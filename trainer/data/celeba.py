@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taskfold.trainer.data.base import DatasetInfo, DatasetOptions, register_dataset
-from taskfold.trainer.data.dense import GLOBAL, AugmentOptions, DenseFiles
+from taskfold.trainer.data.base import DatasetInfo, register_dataset
+from taskfold.trainer.data.dense import GLOBAL, AugmentedOptions, AugmentOptions, DenseFiles
 from taskfold.trainer.data.files import dataset_root, limit, read_image, read_lines, require_dir, require_file
 from taskfold.trainer.data.idx import DataFormatError, DatasetUnavailable
 from taskfold.trainer.data.mtan import IMAGENET_MEAN, IMAGENET_STD
@@ -30,11 +30,8 @@ PARTITION = {"train": 0, "val": 1, "test": 2}
 
 
 @dataclass
-class CelebAOptions(DatasetOptions):
+class CelebAOptions(AugmentedOptions):
     augment: AugmentOptions = field(default_factory=lambda: AugmentOptions(enabled=False, scales=[1.0]))
-
-    def check(self, size: int | tuple[int, int]) -> None:
-        self.augment.check()
 
 
 def read_attributes(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:

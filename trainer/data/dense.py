@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from taskfold.trainer.config import ConfigError
-from taskfold.trainer.data.base import DatasetInfo
+from taskfold.trainer.data.base import DatasetInfo, DatasetOptions
 from taskfold.trainer.data.loader import SampleKey, as_key, sample_rng
 
 # How a label is resampled and what zoom and flip do to it.
@@ -51,6 +51,17 @@ class AugmentOptions:
         if not self.scales or any(s < 1.0 for s in self.scales):
             raise ConfigError(f"data.options.augment.scales: need one or more scales >= 1 "
                               f"(a window of 1/s of the image is zoomed in), got {self.scales}")
+
+
+@dataclass
+class AugmentedOptions(DatasetOptions):
+    """``data.options`` of an on-disk dataset: its ``augment`` settings (a subclass may give them
+    other defaults) and what the subclass adds."""
+
+    augment: AugmentOptions = field(default_factory=AugmentOptions)
+
+    def check(self, size: int | tuple[int, int]) -> None:
+        self.augment.check()
 
 
 def nearest_index(source: int, target: int) -> np.ndarray:

@@ -17,14 +17,15 @@ boundary pixels of :func:`label_edges`; NYUv2 as MTAN ships it has no edge annot
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 from pathlib import Path
 
 import numpy as np
 
-from taskfold.trainer.data.base import DatasetInfo, DatasetOptions, register_dataset
-from taskfold.trainer.data.dense import CLASSES, DEPTH, DISPARITY, MAP, NORMALS, AugmentOptions, DenseFiles
+from taskfold.trainer.data.base import DatasetInfo, register_dataset
+from taskfold.trainer.data.dense import (CLASSES, DEPTH, DISPARITY, MAP, NORMALS,
+                                         AugmentedOptions, AugmentOptions, DenseFiles)
 from taskfold.trainer.data.edges import label_edges
 from taskfold.trainer.data.files import (check_shape, dataset_root, limit, read_npy, require_dir,
                                          require_file)
@@ -39,22 +40,14 @@ FOLDER_OF_SPLIT = {"train": "train", "val": "val", "test": "val"}
 
 
 @dataclass
-class NyuOptions(DatasetOptions):
+class NyuOptions(AugmentedOptions):
     edges: bool = False
-    augment: AugmentOptions = field(default_factory=AugmentOptions)
-
-    def check(self, size: int | tuple[int, int]) -> None:
-        self.augment.check()
 
 
 @dataclass
-class CityscapesOptions(DatasetOptions):
+class CityscapesOptions(AugmentedOptions):
     classes: Literal[2, 7, 19] = 7
     edges: bool = False
-    augment: AugmentOptions = field(default_factory=AugmentOptions)
-
-    def check(self, size: int | tuple[int, int]) -> None:
-        self.augment.check()
 
 
 class NpyDense(DenseFiles):

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from taskfold.trainer.config import ConfigError
-from taskfold.trainer.data.base import DatasetInfo, DatasetOptions, register_dataset
-from taskfold.trainer.data.dense import CLASSES, MAP, NORMALS, AugmentOptions, DenseFiles, chw
+from taskfold.trainer.data.base import DatasetInfo, register_dataset
+from taskfold.trainer.data.dense import (CLASSES, MAP, NORMALS,
+                                         AugmentedOptions, AugmentOptions, DenseFiles, chw)
 from taskfold.trainer.data.edges import label_edges
 from taskfold.trainer.data.files import (check_shape, dataset_root, limit, read_image, read_lines, read_mat,
                                          require_dir, require_file)
@@ -60,12 +61,12 @@ TASK_LABELS = ("segmentation", "human_parts", "normals", "saliency", "edges")
 
 
 @dataclass
-class PascalOptions(DatasetOptions):
+class PascalOptions(AugmentedOptions):
     labels: list[str] = field(default_factory=lambda: list(TASK_LABELS))
     augment: AugmentOptions = field(default_factory=lambda: AugmentOptions(scales=[1.0, 1.25, 1.5, 1.75, 2.0]))
 
     def check(self, size: int | tuple[int, int]) -> None:
-        self.augment.check()
+        super().check(size)
         unknown = [k for k in self.labels if k not in TASK_LABELS]
         if unknown or not self.labels:
             raise ConfigError(f"data.options.labels: unknown {unknown or 'empty list'}; known: {', '.join(TASK_LABELS)}")

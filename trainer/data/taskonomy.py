@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from taskfold.trainer.config import ConfigError
-from taskfold.trainer.data.base import DatasetInfo, DatasetOptions, register_dataset
-from taskfold.trainer.data.dense import CLASSES, DEPTH, MAP, NORMALS, AugmentOptions, DenseFiles, chw
+from taskfold.trainer.data.base import DatasetInfo, register_dataset
+from taskfold.trainer.data.dense import (CLASSES, DEPTH, MAP, NORMALS,
+                                         AugmentedOptions, AugmentOptions, DenseFiles, chw)
 from taskfold.trainer.data.files import dataset_root, limit, read_image, read_lines, require_dir, require_file
 from taskfold.trainer.data.idx import DatasetUnavailable
 from taskfold.trainer.data.mtan import IMAGENET_MEAN, IMAGENET_STD
@@ -57,14 +58,13 @@ TASKONOMY5 = ["segment_semantic", "depth_zbuffer", "normal", "keypoints2d", "edg
 
 
 @dataclass
-class TaskonomyOptions(DatasetOptions):
+class TaskonomyOptions(AugmentedOptions):
     buildings: dict = field(default_factory=dict)  # split -> list of names, or a text file under root
     domains: list[str] = field(default_factory=lambda: list(TASKONOMY5))
     max_depth_raw: int = 2 ** 13
-    augment: AugmentOptions = field(default_factory=AugmentOptions)
 
     def check(self, size: int | tuple[int, int]) -> None:
-        self.augment.check()
+        super().check(size)
         unknown = [d for d in self.domains if d not in DOMAINS]
         if unknown or not self.domains:
             raise ConfigError(f"data.options.domains: unknown {unknown or 'empty list'}; known: {', '.join(DOMAINS)}")

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from taskfold.trainer.weighting.base import Needs
+from taskfold.trainer.weighting.grads import On
 
 
 class StrategyBase:
@@ -60,7 +60,7 @@ class StrategyBase:
 class OnOptions:
     """``on``: compare the task gradients on the shared ``params`` or on the shared ``features``."""
 
-    on: Literal["params", "features"] = "params"
+    on: On = "params"
 
 
 class GradientStrategy(StrategyBase):

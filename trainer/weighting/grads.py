@@ -16,7 +16,8 @@ So a strategy is a function ``gram -> beta`` and this module does the rest:
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import typing
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +25,8 @@ from torch import nn
 from taskfold.trainer.config import ConfigError
 from taskfold.trainer.weighting.base import StepContext
 
-ON_CHOICES = ("params", "features")
+On = Literal["params", "features"]  # where task gradients are compared: shared parameters or features
+ON_CHOICES = typing.get_args(On)
 
 # gram (T x T, float64, CPU) -> beta (T, float64, CPU)
 CoefficientRule = Callable[[torch.Tensor], torch.Tensor]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from taskfold.trainer.weighting.base import StepContext
 from taskfold.trainer.weighting.common import GradientStrategy, OnOptions
-from taskfold.trainer.weighting.grads import (combined_backward, primary_index, scale_losses,
+from taskfold.trainer.weighting.grads import (On, combined_backward, primary_index, scale_losses,
                                               strategy_parameter)
 from taskfold.trainer.weighting.registry import WEIGHTINGS
 from taskfold.trainer.weighting.uncertainty import sigma_logs, uncertainty_objective
@@ -62,7 +62,7 @@ class ImpartialAuxiliaryLearning(GradientStrategy):
     @dataclass
     class Options(OnOptions):
         g: Literal["relu", "sigmoid", "identity"] = "relu"  # the keys of G_FUNCTIONS
-        on: Literal["params", "features"] = "features"
+        on: On = "features"
         init_log_sigma: float = 0.0
 
     def __init__(self, options: Options, tasks: list[str], task_weights: dict[str, float]) -> None:

@@ -1,7 +1,6 @@
 """The registry of weighting strategies and the one place that builds them from a config."""
 from __future__ import annotations
 
-
 from taskfold.models.registry import Registry
 from taskfold.trainer.config import ConfigError, build_options
 from taskfold.trainer.weighting.base import WeightingStrategy
