@@ -58,5 +58,8 @@ def test_arch_step_scales_task_losses_by_their_recipe_weight(name):
                                       probe.arch_parameters(), allow_unused=True)
     for p, w, g in zip(plain, weighted, depth_grads):
         expected = torch.zeros_like(p) if g is None else -2.0 * g
-        torch.testing.assert_close(w - p, expected, rtol=1e-4, atol=1e-7)
+        # w - p cancels two updates of up to ~20 (alpha^P's seg gradient) down to ~1e-2: allow a
+        # few float32 ulps of the updates themselves (the rounding depends on the CPU's kernels)
+        ulps = 8 * torch.finfo(torch.float32).eps * max(p.abs().max(), w.abs().max()).item()
+        torch.testing.assert_close(w - p, expected, rtol=1e-4, atol=max(1e-7, ulps))
     assert any(g is not None and g.abs().max() > 0 for g in depth_grads)
