@@ -185,6 +185,15 @@ def test_bad_requests_get_a_4xx_with_one_line(server, case: str):
     assert error and "\n" not in error
 
 
+def test_a_non_finite_input_is_named_with_its_count_and_no_python_api_advice(server):
+    url, _ = server
+    images = _images(1)
+    images[0, 1, 2, :3] = [np.nan, np.inf, -np.inf]
+    got, raw, _ = _request(f"{url}/v2/models/demo/infer", "POST", *_binary_body(images))
+    assert got == 400
+    assert json.loads(raw)["error"] == "input 'image': holds 3 NaN/inf value(s)"
+
+
 @pytest.mark.parametrize("path, method, status", [
     ("/v2/models/nope/infer", "POST", 404), ("/v2/models/demo/versions/2/infer", "POST", 404),
     ("/v2/models/nope", "GET", 404), ("/v2/models/demo/infer", "GET", 405), ("/v2/nothing", "GET", 404)])

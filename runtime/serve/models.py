@@ -68,8 +68,8 @@ class ServedModel:
         tensor = request.inputs[0]
         if tensor.datatype != self.datatype:
             raise ProtocolError(f"input {want!r}: datatype {tensor.datatype} does not match the model's {self.datatype}")
-        try:
-            images = check_images(tensor.array, self.spec)
+        try:  # non-finite values are checked below, with a message for HTTP clients (one scan)
+            images = check_images(tensor.array, self.spec, allow_nonfinite=True)
         except InputError as exc:
             raise ProtocolError(f"input {want!r}: {exc}") from None
         if not np.isfinite(images).all():
