@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_line  # noqa: E402
+from common import cpu_line, rotated  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = {"1 process x 2 threads": (1, 2), "1 process x 1 thread": (1, 1), "2 processes x 1 thread": (2, 1)}
@@ -113,7 +113,7 @@ def main() -> None:
     names = list(CANDIDATES)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in rotated(names, r):
                 nproc, threads = CANDIDATES[name]
                 results[name].append(throughput(nproc, threads, overrides, Path(tmp)))
                 print(f"round {r + 1}: {name}: {results[name][-1]:.1f} images/s", flush=True)

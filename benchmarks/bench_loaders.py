@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dataset_fixtures as fixtures  # noqa: E402
-from common import cpu_line  # noqa: E402
+from common import cpu_line, rotated  # noqa: E402
 
 from taskfold.trainer.config import load_config  # noqa: E402
 from taskfold.trainer.data import create_dataset  # noqa: E402
@@ -108,8 +108,7 @@ def main() -> None:
                 settings[f"default workers ({workers}), per-tensor hand-over"] = (workers, False)
             rates: dict[str, list[float]] = {key: [] for key in settings}
             for r in range(args.rounds):
-                order = list(settings)[r % len(settings):] + list(settings)[:r % len(settings)]
-                for key in order:
+                for key in rotated(list(settings), r):
                     rates[key].append(images_per_second(dataset, settings[key][0], args.epochs, args.batch,
                                                         packed=settings[key][1]))
         cells = ", ".join(f"{key}: {statistics.median(v):.0f} img/s ({min(v):.0f}-{max(v):.0f})"

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loaders import DATASETS, ROOT  # noqa: E402
-from common import cpu_line  # noqa: E402
+from common import cpu_line, rotated  # noqa: E402
 
 from taskfold.trainer.config import load_config  # noqa: E402
 from taskfold.trainer.data import create_dataset  # noqa: E402
@@ -79,7 +79,7 @@ def main() -> None:
                        for side, (make, _) in sides.items()}
             times: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
             for r in range(args.rounds):
-                for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                for side in rotated(["old", "new"], r):
                     seeds = range(r * args.epochs, (r + 1) * args.epochs)
                     times[side].append(ms_per_item(loaders[side], sides[side][1], seeds))
             ratios = [old[0] / new[0] for old, new in zip(times["old"], times["new"])]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import multiprocessing
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ import numpy as np
 import tritonclient.http as triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_line  # noqa: E402
+from common import binary_infer_request, cpu_line, rotated  # noqa: E402
 
 from taskfold.runtime import load  # noqa: E402
 
@@ -107,10 +106,8 @@ def triton_client(address: str, model: str, image: np.ndarray) -> Callable[[], N
 
 def raw_client(address: str, model: str, image: np.ndarray) -> Callable[[], None]:
     """One batch-1 request per call over one keep-alive connection, the body built once."""
-    header = json.dumps({"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": image.nbytes}}],
-                         "parameters": {"binary_data_output": True}}).encode()
-    body, headers = header + image.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+    body, header_length = binary_infer_request(image)
+    headers = {"Inference-Header-Content-Length": header_length}
     host, port = address.rsplit(":", 1)
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     path = f"/v2/models/{model}/infer"
@@ -163,11 +160,8 @@ def start_floor(address: str, model: str, image: np.ndarray) -> tuple[multiproce
     What a client measures against it is what the HTTP stack and the client cost on their own."""
     host, port = address.rsplit(":", 1)
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    header = json.dumps({"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": image.nbytes}}],
-                         "parameters": {"binary_data_output": True}}).encode()  # as both clients ask
-    connection.request("POST", f"/v2/models/{model}/infer", header + image.tobytes(),
-                       {"Inference-Header-Content-Length": str(len(header))})
+    body, header_length = binary_infer_request(image)  # as both clients ask
+    connection.request("POST", f"/v2/models/{model}/infer", body, {"Inference-Header-Content-Length": header_length})
     response = connection.getresponse()
     answer = response.read()
     headers = [(k.lower().encode(), v.encode()) for k, v in response.getheaders()
@@ -210,10 +204,6 @@ def clients_ips(make: Callable[[], Callable[[], None]], clients: int, seconds: f
         t.join()
     elapsed.append(time.perf_counter() - start)
     return sum(done) / elapsed[-1]
-
-
-def rotated(names: list[str], r: int) -> list[str]:
-    return names[r % len(names):] + names[:r % len(names)]
 
 
 def spread(values: list[float], fmt: str = ".2f") -> str:

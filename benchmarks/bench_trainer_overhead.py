@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_line  # noqa: E402
+from common import cpu_line, rotated  # noqa: E402
 
 from taskfold.trainer.checkpoint import EpochCursor  # noqa: E402
 from taskfold.trainer.config import load_config  # noqa: E402
@@ -84,7 +84,7 @@ def measure(recipe: str, overrides: list[str], threads: int, rounds: int) -> Non
         shares = []
         names = list(candidates)
         for r in range(rounds):
-            for name in names[r % 2:] + names[:r % 2]:
+            for name in rotated(names, r):
                 timed.waits.clear()
                 start = time.perf_counter()
                 candidates[name](r + 1)

@@ -15,7 +15,6 @@ requests pays it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_line  # noqa: E402
+from common import binary_infer_request, cpu_line, rotated  # noqa: E402
 
 from taskfold.runtime.inputs import check_images  # noqa: E402
 from taskfold.runtime.serve.protocol import decode_request, encode_response  # noqa: E402
@@ -37,10 +36,7 @@ OUTPUTS = {"seg": (1, 5, 64, 64), "depth": (1, 1, 64, 64), "normals": (1, 3, 64,
 def request_path() -> Callable[[], None]:
     """One binary batch-1 request's Python work in the server, as a no-argument call."""
     image = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape),
-                                     "parameters": {"binary_data_size": image.nbytes}}],
-                         "parameters": {"binary_data_output": True}}).encode()
-    body, header_length = header + image.tobytes(), str(len(header))
+    body, header_length = binary_infer_request(image)
     outputs = {name: np.zeros(shape, np.float32) for name, shape in OUTPUTS.items()}
 
     def run() -> None:
@@ -63,7 +59,7 @@ def main() -> None:
         work()
     per_round: dict[float, list[float]] = {p: [] for p in pauses_ms}
     for r in range(args.rounds):
-        for pause in pauses_ms[r % 3:] + pauses_ms[:r % 3]:
+        for pause in rotated(pauses_ms, r):
             times = []
             for _ in range(args.calls):
                 if pause:

@@ -6,10 +6,28 @@ their medians, never an absolute number on its own.
 """
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import time
 from typing import Callable
+
+import numpy as np
+
+
+def rotated(names: list, r: int) -> list:
+    """``names`` in the order of round ``r``: rotated by one each round, so no candidate always
+    runs first (or right after the same neighbour)."""
+    return names[r % len(names):] + names[:r % len(names)]
+
+
+def binary_infer_request(image: np.ndarray) -> tuple[bytes, str]:
+    """A v2 infer request for ``image`` as input ``image``, binary in both directions (what
+    tritonclient sends by default): the body and its ``Inference-Header-Content-Length``."""
+    header = json.dumps({"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": image.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + image.tobytes(), str(len(header))
 
 
 def paired_samples(candidates: dict[str, Callable[[], object]], *, rounds: int = 15, per_round: int = 5,
@@ -20,9 +38,8 @@ def paired_samples(candidates: dict[str, Callable[[], object]], *, rounds: int =
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    names = list(candidates)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(list(candidates), r):
             fn = candidates[name]
             start = time.perf_counter()
             for _ in range(per_round):

@@ -194,4 +194,3 @@ def build_aux_net(spec: ArchSpec, *, backbone_weights: str | None = None) -> Aux
 
 for _method in AUX_METHODS:
     NETWORKS.register(_method)(build_aux_net)
-

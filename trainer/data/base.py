@@ -42,6 +42,13 @@ class DatasetOptions:
         """Raise one ConfigError naming what cannot work (``size``: ``data.size``)."""
 
 
+def check_known(field: str, names: list[str], known) -> None:
+    """``data.options.<field>``: a non-empty list of names from ``known``, else one ConfigError."""
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise ConfigError(f"data.options.{field}: unknown {unknown or 'empty list'}; known: {', '.join(known)}")
+
+
 def register_dataset(name: str, options: type[DatasetOptions]) -> Callable:
     """Register a builder ``(*, split, size, num_samples, seed, cache_dir, [root,] options)`` in
     DATASETS with the dataclass of its ``data.options`` (``builder.Options``), so a recipe's

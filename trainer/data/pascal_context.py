@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taskfold.trainer.config import ConfigError
-from taskfold.trainer.data.base import DatasetInfo, register_dataset
+from taskfold.trainer.data.base import DatasetInfo, check_known, register_dataset
 from taskfold.trainer.data.dense import (CLASSES, MAP, NORMALS,
                                          AugmentedOptions, AugmentOptions, DenseFiles, chw)
 from taskfold.trainer.data.edges import label_edges
@@ -67,9 +66,7 @@ class PascalOptions(AugmentedOptions):
 
     def check(self, size: int | tuple[int, int]) -> None:
         super().check(size)
-        unknown = [k for k in self.labels if k not in TASK_LABELS]
-        if unknown or not self.labels:
-            raise ConfigError(f"data.options.labels: unknown {unknown or 'empty list'}; known: {', '.join(TASK_LABELS)}")
+        check_known("labels", self.labels, TASK_LABELS)
 
 
 def human_parts_map(anno: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -60,6 +60,8 @@ class SynthScenesOptions(DatasetOptions):
         if not 1 <= self.min_objects <= self.max_objects:
             raise ConfigError("synthscenes: need 1 <= min_objects <= max_objects, "
                               f"got {self.min_objects} and {self.max_objects}")
+
+
 # Per-channel mean/std of the uint8 images / 255, measured once on the 2,000 train images at
 # 64x64 with seed 0 and default options; fixed so that every split and size normalises alike.
 MEAN = (0.3252, 0.3254, 0.3263)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from taskfold.trainer.config import ConfigError
-from taskfold.trainer.data.base import DatasetInfo, register_dataset
+from taskfold.trainer.data.base import DatasetInfo, check_known, register_dataset
 from taskfold.trainer.data.dense import (CLASSES, DEPTH, MAP, NORMALS,
                                          AugmentedOptions, AugmentOptions, DenseFiles, chw)
 from taskfold.trainer.data.files import dataset_root, limit, read_image, read_lines, require_dir, require_file
@@ -65,9 +65,7 @@ class TaskonomyOptions(AugmentedOptions):
 
     def check(self, size: int | tuple[int, int]) -> None:
         super().check(size)
-        unknown = [d for d in self.domains if d not in DOMAINS]
-        if unknown or not self.domains:
-            raise ConfigError(f"data.options.domains: unknown {unknown or 'empty list'}; known: {', '.join(DOMAINS)}")
+        check_known("domains", self.domains, DOMAINS)
 
 
 def label_path(root: Path, rgb: Path, domain: str) -> Path:
